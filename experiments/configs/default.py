@@ -1,0 +1,26 @@
+"""The main job: a 4-block recommender on synthetic data over a data=4 x tensor=2 mesh.
+
+  python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/rec_llm/default
+
+Runs on 8 virtual CPU devices (the trainer creates them unless XLA_FLAGS says otherwise)
+or on 8 accelerators. Expected on the 2-core CPU machine: 300 steps in about 3 minutes;
+the loss falls from ~8.3 (ln of the 4,096 items) to ~4.3 and train HR@10 rises from ~0
+to ~0.6.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.mesh = ml_collections.ConfigDict(dict(data=4, tensor=2, pipe=1))
+  c.model = ml_collections.ConfigDict(dict(
+      num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=64, vocab_multiple=128,
+      dropout_rate=0.0, dtype="float32", remat=False))
+  c.data = ml_collections.ConfigDict(dict(name="synthetic", num_items=4096, zipf_a=1.1, p_follow=0.8))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=30, end_lr_fraction=0.1,
+      weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.98, seed=0, log_every=25,
+      peak_tflops=0.0))  # 0: look the device up, else measure a matmul
+  return c

@@ -1,0 +1,1 @@
+"""Data: sources of item-id sequences and the sharded, prefetched global batches."""

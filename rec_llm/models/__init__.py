@@ -1,0 +1,1 @@
+"""Models. They name logical axes only ('batch', 'vocab', ...), never mesh axes."""

@@ -1,0 +1,143 @@
+"""A decoder-only causal transformer over item-id sequences (SASRec / HSTU family).
+
+Item ids are 1..num_items; 0 is padding. The model returns the final hidden states and the
+item table, because scores are tied to the item embedding and the (vocab-parallel) softmax
+lives with the loss.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rec_llm.parallel import vocab_parallel
+
+Logical = nn.with_logical_partitioning
+constrain = nn.with_logical_constraint
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  num_items: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  mlp_dim: int
+  max_len: int
+  vocab_multiple: int = 128   # table rows padded to a multiple of this, for even sharding
+  dropout_rate: float = 0.0
+  dtype: str = "float32"      # activations; parameters stay float32
+  remat: bool = False
+
+  @property
+  def vocab_size(self) -> int:
+    m = self.vocab_multiple
+    return -(-(self.num_items + 1) // m) * m
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+class Dense(nn.Module):
+  """x[..., *in_shape] @ kernel[*in_shape, *out_shape] + bias, with logical axis names."""
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+        out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", Logical(init, self.in_axes + self.out_axes),
+                        self.in_shape + self.out_shape)
+    bias = self.param("bias", Logical(nn.initializers.zeros, self.out_axes), self.out_shape)
+    dt = jnp.dtype(self.dtype)
+    y = jnp.tensordot(x.astype(dt), kernel.astype(dt), axes=n_in)
+    return y + bias.astype(dt)
+
+
+def _norm(name, dtype):
+  return nn.LayerNorm(dtype=dtype, name=name,
+                      scale_init=Logical(nn.initializers.ones, ("embed",)),
+                      bias_init=Logical(nn.initializers.zeros, ("embed",)))
+
+
+class Block(nn.Module):
+  """Pre-LN block: heads and the MLP hidden dimension are split over tensor (Megatron)."""
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, key_valid):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    h = _norm("ln_attn", dt)(x)
+    d, heads = (cfg.d_model,), (cfg.num_heads, cfg.head_dim)
+    q, k, v = (constrain(Dense(d, heads, ("embed",), ("heads", "head_dim"), cfg.dtype, name=n)(h),
+                         ("batch", "seq", "heads", "head_dim")) for n in ("query", "key", "value"))
+    seq = x.shape[1]
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+    mask = causal[None, None] & key_valid[:, None, None, :]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores / math.sqrt(cfg.head_dim), -1e30)
+    probs = drop(jax.nn.softmax(scores, axis=-1).astype(dt))
+    att = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    att = Dense(heads, d, ("heads", "head_dim"), ("embed",), cfg.dtype, name="out")(att)
+    x = constrain(x + drop(att), ("batch", "seq", "embed"))
+    h = _norm("ln_mlp", dt)(x)
+    mlp = (cfg.mlp_dim,)
+    h = constrain(Dense(d, mlp, ("embed",), ("mlp",), cfg.dtype, name="mlp_in")(h),
+                  ("batch", "seq", "mlp"))
+    h = Dense(mlp, d, ("mlp",), ("embed",), cfg.dtype, name="mlp_out")(nn.gelu(h))
+    x = constrain(x + drop(h), ("batch", "seq", "embed"))
+    return x, None
+
+
+class SeqTransformer(nn.Module):
+  """Embedding -> N pre-LN blocks (scanned, stacked on 'layers') -> final norm."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, ids, train: bool = False):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    table = self.param("item_embedding", Logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+                       (cfg.vocab_size, cfg.d_model))
+    pos = self.param("pos_embedding", Logical(nn.initializers.normal(0.02), ("seq", "embed")),
+                     (cfg.max_len, cfg.d_model))
+    valid = ids != 0
+    x = vocab_parallel.embed_lookup(table, ids) * math.sqrt(cfg.d_model) + pos[: ids.shape[1]]
+    x = nn.Dropout(cfg.dropout_rate, deterministic=not train)(x)
+    x = constrain((x * valid[..., None]).astype(dt), ("batch", "seq", "embed"))
+    block = nn.remat(Block) if cfg.remat else Block
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=nn.broadcast, length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = stack(cfg, not train, name="blocks")(x, valid)
+    return _norm("ln_final", dt)(x), table
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+  """Parameter counts by group (biases and norms included)."""
+  d, f, h = cfg.d_model, cfg.mlp_dim, cfg.num_heads * cfg.head_dim
+  per_block = 4 * d * h + 3 * h + d + 2 * d * f + f + d + 4 * d
+  return {"embedding": cfg.vocab_size * d + cfg.max_len * d,
+          "blocks": cfg.num_layers * per_block + 2 * d}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward, multiply-add = 2 FLOPs).
+
+  6 * (block matmul weights) + 6 * d * items (the tied item-scoring head) + 12 * L * S * d
+  (attention scores and weighted values, counted over the full S x S square as in PaLM).
+  The embedding gather, norms and softmax are not counted.
+  """
+  d, h = cfg.d_model, cfg.num_heads * cfg.head_dim
+  matmul = cfg.num_layers * (4 * d * h + 2 * d * cfg.mlp_dim)
+  return 6.0 * matmul + 6.0 * d * (cfg.num_items + 1) + 12.0 * cfg.num_layers * seq_len * h

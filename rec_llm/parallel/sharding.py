@@ -1,0 +1,52 @@
+"""The single place where logical axis names map to mesh axes.
+
+Models annotate parameters and activations with logical names ('batch', 'vocab', ...);
+these rules decide which mesh axis (if any) shards each one.
+"""
+
+import contextlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "data"),
+    ("seq", None),
+    ("embed", None),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),   # item table rows: never replicated
+    ("layers", None),      # stacked blocks; the pipeline maps these onto 'pipe'
+)
+
+
+def mesh_axis(logical: str) -> str | None:
+  """The mesh axis a logical name is sharded over (None: replicated)."""
+  for name, axis in LOGICAL_RULES:
+    if name == logical:
+      return axis
+  raise KeyError(f"no sharding rule for logical axis {logical!r}")
+
+
+def logical_to_spec(logical: tuple[str | None, ...]) -> P:
+  return P(*(None if name is None else mesh_axis(name) for name in logical))
+
+
+def named(mesh: Mesh, logical: tuple[str | None, ...]) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical))
+
+
+def tree_shardings(abstract_boxed_tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree of (possibly) logically-partitioned abstract values."""
+  specs = nn.get_partition_spec(abstract_boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+  """Makes `mesh` and the logical rules current for tracing sharded code."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield

@@ -1,0 +1,95 @@
+"""Megatron-style vocabulary parallelism for an item table sharded by rows.
+
+The item table [vocab, embed] is split over the mesh axis that the logical name 'vocab'
+maps to. Lookups and the full-softmax cross-entropy run inside `shard_map`, so each
+device only ever holds its own [batch, seq, vocab/tensor] block of logits; the softmax
+statistics are combined with pmax/psum across the vocab shards.
+
+Both functions take the current mesh from `jax.set_mesh` (see `sharding.activate`) and
+fall back to plain single-device code when no mesh is active (e.g. abstract init).
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from rec_llm.parallel import sharding
+
+_NEG = -1e30  # finite "minus infinity": keeps fully-masked rows NaN-free
+
+
+def _axes():
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  return sharding.mesh_axis("vocab"), sharding.mesh_axis("batch")
+
+
+def _shard_bounds(table, vaxis):
+  rows = table.shape[0]
+  start = 0 if vaxis is None else jax.lax.axis_index(vaxis) * rows
+  return start, rows
+
+
+def _psum(x, axis):
+  return x if axis is None else jax.lax.psum(x, axis)
+
+
+def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """table[ids] with table rows sharded over 'vocab'; ids [batch, seq] -> [batch, seq, embed]."""
+  axes = _axes()
+  if axes is None:
+    return jnp.take(table, ids, axis=0)
+  vaxis, baxis = axes
+
+  def local(tbl, ids):
+    start, rows = _shard_bounds(tbl, vaxis)
+    rel = ids - start
+    hit = (rel >= 0) & (rel < rows)
+    x = jnp.take(tbl, jnp.clip(rel, 0, rows - 1), axis=0)
+    return _psum(jnp.where(hit[..., None], x, jnp.zeros_like(x)), vaxis)
+
+  return jax.shard_map(
+      local, in_specs=(P(vaxis, None), P(baxis, None)), out_specs=P(baxis, None, None))(table, ids)
+
+
+def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
+                 num_valid: int) -> tuple[jax.Array, jax.Array]:
+  """Full-softmax cross-entropy against tied item scores, computed vocab-parallel.
+
+  Args:
+    hidden: [batch, seq, embed] final hidden states.
+    table: [vocab, embed] item table (rows sharded over 'vocab').
+    targets: [batch, seq] item ids.
+    num_valid: ids 1..num_valid-1 are real items; id 0 (padding) and the rows padded onto
+      the table for even sharding are excluded from the softmax.
+
+  Returns:
+    (nll, rank), both [batch, seq]: the negative log-likelihood of each target and the
+    number of items scored strictly above it (rank 0 = top-1), for hit-rate metrics.
+  """
+  axes = _axes()
+  vaxis, baxis = axes if axes is not None else (None, None)
+
+  def local(h, tbl, tgt):
+    start, rows = _shard_bounds(tbl, vaxis)
+    logits = jnp.einsum("bsd,vd->bsv", h, tbl, preferred_element_type=jnp.float32)
+    col = start + jnp.arange(rows)
+    logits = jnp.where((col > 0) & (col < num_valid), logits, _NEG)
+    m = jax.lax.stop_gradient(logits.max(-1))
+    if vaxis is not None:
+      m = jax.lax.pmax(m, vaxis)
+    sumexp = _psum(jnp.exp(logits - m[..., None]).sum(-1), vaxis)
+    lse = jnp.log(sumexp) + m
+    rel = tgt - start
+    hit = (rel >= 0) & (rel < rows)
+    picked = jnp.take_along_axis(logits, jnp.clip(rel, 0, rows - 1)[..., None], -1)[..., 0]
+    tgt_logit = _psum(jnp.where(hit, picked, 0.0), vaxis)
+    above = (logits > jax.lax.stop_gradient(tgt_logit)[..., None]).sum(-1)
+    return lse - tgt_logit, _psum(above, vaxis)
+
+  if axes is None:
+    return local(hidden, table, targets)
+  return jax.shard_map(
+      local, in_specs=(P(baxis, None, None), P(vaxis, None), P(baxis, None)),
+      out_specs=(P(baxis, None), P(baxis, None)))(hidden, table, targets)

@@ -1,0 +1,1 @@
+"""Training: config checks, optimizer, sharded train state, the step and the loop."""

@@ -1,0 +1,29 @@
+"""AdamW with linear warmup + cosine decay and global-norm clipping."""
+
+import jax
+import optax
+from ml_collections import ConfigDict
+
+_DECAYED = ("kernel", "item_embedding", "pos_embedding")
+
+
+def _decay_mask(params):
+  """Weight decay on matrices and embeddings only, not on biases or norm scales."""
+  def is_decayed(path, _):
+    return any(getattr(k, "key", getattr(k, "name", None)) in _DECAYED for k in path)
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def schedule(train_cfg: ConfigDict) -> optax.Schedule:
+  warmup = int(train_cfg.get("warmup_steps", 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else train_cfg.learning_rate, peak_value=train_cfg.learning_rate,
+      warmup_steps=warmup, decay_steps=max(train_cfg.steps, warmup + 1),
+      end_value=train_cfg.learning_rate * train_cfg.get("end_lr_fraction", 0.0))
+
+
+def make(train_cfg: ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(train_cfg.get("grad_clip", 1.0)),
+      optax.adamw(schedule(train_cfg), b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.98),
+                  weight_decay=train_cfg.get("weight_decay", 0.0), mask=_decay_mask))

@@ -1,0 +1,52 @@
+"""The train state, the loss and the jitted synchronous data+tensor parallel step."""
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rec_llm.parallel import vocab_parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, rng: jax.Array):
+  """A boxed (logically annotated) train state; unbox before use."""
+  params = model.init(rng, jnp.ones((1, seq_len), jnp.int32))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def loss_fn(params, batch, model: nn.Module, num_valid: int, dropout_rng=None):
+  """Mean next-item cross-entropy over non-padding targets, plus train hit rate."""
+  train = dropout_rng is not None
+  hidden, table = model.apply({"params": params}, batch["inputs"], train=train,
+                              rngs={"dropout": dropout_rng} if train else None)
+  nll, rank = vocab_parallel.softmax_xent(hidden, table, batch["targets"], num_valid)
+  mask = batch["targets"] != 0
+  count = jnp.maximum(mask.sum(), 1)
+  loss = jnp.where(mask, nll, 0.0).sum() / count
+  return loss, {"hr@10": ((rank < 10) & mask).sum() / count, "targets": mask.sum()}
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, num_valid: int,
+                    seed: int, dropout: bool):
+  base_rng = jax.random.PRNGKey(seed)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(base_rng, state.step) if dropout else None
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, model, num_valid, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
