@@ -48,6 +48,7 @@ class Dense(nn.Module):
   in_axes: tuple[str, ...]
   out_axes: tuple[str, ...]
   dtype: str = "float32"
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -57,10 +58,12 @@ class Dense(nn.Module):
         out_axis=tuple(range(n_in, n_in + n_out)))
     kernel = self.param("kernel", Logical(init, self.in_axes + self.out_axes),
                         self.in_shape + self.out_shape)
-    bias = self.param("bias", Logical(nn.initializers.zeros, self.out_axes), self.out_shape)
     dt = jnp.dtype(self.dtype)
     y = jnp.tensordot(x.astype(dt), kernel.astype(dt), axes=n_in)
-    return y + bias.astype(dt)
+    if not self.use_bias:
+      return y
+    return y + self.param("bias", Logical(nn.initializers.zeros, self.out_axes),
+                          self.out_shape).astype(dt)
 
 
 def _norm(name, dtype):
@@ -80,7 +83,9 @@ class Block(nn.Module):
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     h = _norm("ln_attn", dt)(x)
     d, heads = (cfg.d_model,), (cfg.num_heads, cfg.head_dim)
-    q, k, v = (constrain(Dense(d, heads, ("embed",), ("heads", "head_dim"), cfg.dtype, name=n)(h),
+    # No key bias: softmax is invariant to it, so it would be a parameter with zero gradient.
+    q, k, v = (constrain(Dense(d, heads, ("embed",), ("heads", "head_dim"), cfg.dtype,
+                               use_bias=(n != "key"), name=n)(h),
                          ("batch", "seq", "heads", "head_dim")) for n in ("query", "key", "value"))
     seq = x.shape[1]
     causal = jnp.tril(jnp.ones((seq, seq), bool))
@@ -126,7 +131,7 @@ class SeqTransformer(nn.Module):
 def count_params(cfg: ModelConfig) -> dict[str, int]:
   """Parameter counts by group (biases and norms included)."""
   d, f, h = cfg.d_model, cfg.mlp_dim, cfg.num_heads * cfg.head_dim
-  per_block = 4 * d * h + 3 * h + d + 2 * d * f + f + d + 4 * d
+  per_block = 4 * d * h + 2 * h + d + 2 * d * f + f + d + 4 * d
   return {"embedding": cfg.vocab_size * d + cfg.max_len * d,
           "blocks": cfg.num_layers * per_block + 2 * d}
 

@@ -1,0 +1,31 @@
+"""Small shared pieces for the tests."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+
+from tests.conftest import ROOT
+
+
+def tiny_config(**mesh) -> ml_collections.ConfigDict:
+  """A model small enough to compile in seconds that still splits over up to 8 tensor shards."""
+  from experiments.configs import smoke
+  c = smoke.get_config()
+  c.mesh.update(data=1, tensor=1, pipe=1)
+  c.mesh.update(mesh)
+  c.model.update(num_layers=2, d_model=64, num_heads=8, mlp_dim=128, max_len=12)
+  c.data.num_items = 300
+  c.train.update(batch_size=16, steps=10, warmup_steps=2, learning_rate=1e-2)
+  return c
+
+
+def run_trainer(args, timeout=120, env=None, launcher=None):
+  """Runs the trainer CLI (or `launch/local.sh N`) in a subprocess; returns CompletedProcess."""
+  full_env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
+  full_env.pop("XLA_FLAGS", None)  # let the trainer / launcher choose the device count
+  cmd = ([sys.executable, "-m", "experiments.train"] if launcher is None
+         else ["bash", os.path.join(ROOT, "launch", "local.sh"), str(launcher)])
+  return subprocess.run(cmd + list(args), cwd=ROOT, env=full_env, capture_output=True,
+                        text=True, timeout=timeout)

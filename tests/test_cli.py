@@ -1,0 +1,32 @@
+"""Bad input ends in one clear `error:` line and exit code 2, never a traceback."""
+
+import pytest
+
+from tests.helpers import run_trainer
+
+SMOKE = "--config=experiments/configs/smoke.py"
+
+BAD = [
+    ([SMOKE, "--config.mesh.data=3"], "= 6 but there are 8 devices"),
+    ([SMOKE, "--config.mesh.data=-1", "--config.mesh.tensor=-1"], "at most one axis may be -1"),
+    ([SMOKE, "--config.mesh.tensor=0"], "mesh.tensor=0 is invalid"),
+    ([SMOKE, "--config.mesh.data=1", "--config.mesh.tensor=8"], "num_heads=4 is not divisible by mesh.tensor=8"),
+    ([SMOKE, "--config.model.d_model=30"], "d_model=30 is not divisible by model.num_heads=4"),
+    ([SMOKE, "--config.mesh.data=8", "--config.mesh.tensor=1", "--config.train.batch_size=12"],
+     "batch_size=12 is not divisible by mesh.data=8"),
+    ([SMOKE, "--config.data.name=netflix"], "unknown data.name='netflix'"),
+    ([SMOKE, "--config.train.learning_rate=-1.0"], "train.learning_rate=-1.0 must be a positive"),
+    ([SMOKE, "--config.mesh.pipe=2", "--config.mesh.data=2"], "pipeline parallelism is not available yet"),
+    ([SMOKE, "--config.mesh.expert=2"], "unknown config key 'expert'"),
+    ([SMOKE, "--config.train.steps=abc"], "invalid literal for int()"),
+    (["--config=experiments/configs/no_such.py"], "cannot load the config file"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[n for _, n in BAD])
+def test_bad_input_gives_one_line_error(args, needle):
+  p = run_trainer(args, timeout=60)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert "Traceback" not in p.stderr
+  errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and needle in errors[0], p.stderr[-2000:]

@@ -1,0 +1,76 @@
+"""launch/local.sh: several processes form one JAX job, and a failure stops the job."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from tests.conftest import ROOT
+from tests.helpers import run_trainer
+
+ARGS = ["--config=experiments/configs/smoke.py", "--config.train.steps=6", "--config.train.log_every=1"]
+
+
+def _losses(workdir):
+  return [json.loads(l)["loss"] for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  p1 = run_trainer(ARGS + [f"--workdir={one}"], timeout=180)
+  assert p1.returncode == 0, p1.stderr[-3000:]
+  p2 = run_trainer(ARGS + [f"--workdir={two}"], timeout=180, launcher=2)
+  assert p2.returncode == 0, p2.stderr[-3000:]
+  assert "process 1/2" in p2.stdout + p2.stderr  # really two processes
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+  assert len(_losses(two)) == 6
+
+
+def _children(pid):
+  out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+  return [int(p) for p in out.split()]
+
+
+def _trainer_pid(launcher_pid, process_id):
+  """The pid of trainer process `process_id` under the launcher (found by its environment)."""
+  for pid in _children(launcher_pid):
+    try:
+      env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+      continue
+    if f"REC_LLM_PROCESS_ID={process_id}".encode() in env and b"python" in open(
+        f"/proc/{pid}/cmdline", "rb").read():
+      return pid
+  return None
+
+
+def test_killed_process_stops_the_job(tmp_path):
+  env = dict(os.environ, PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)
+  launcher = subprocess.Popen(
+      ["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "--config=experiments/configs/smoke.py",
+       "--config.train.steps=100000", "--config.train.log_every=1", f"--workdir={tmp_path}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.stat().st_size > 0):  # training is under way
+      assert launcher.poll() is None and time.time() < deadline, "job did not start"
+      time.sleep(0.5)
+    victim = _trainer_pid(launcher.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    t = time.time()
+    _, err = launcher.communicate(timeout=60)
+    took = time.time() - t
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  assert launcher.returncode != 0
+  assert "process 1" in err and "killed by signal 9" in err, err[-2000:]
+  assert took < 60
+  assert _trainer_pid(launcher.pid, 0) is None
