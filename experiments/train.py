@@ -51,7 +51,7 @@ def main(argv):
   import jax  # after flag parsing, so --help stays fast
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     jax.config.update("jax_num_cpu_devices", _HOST_DEVICES.value)
-  from rec_llm.errors import ConfigError
+  from rec_llm.errors import ConfigError, TrainingError
   from rec_llm.parallel import distributed
   from rec_llm.train import trainer
   distributed.initialize_from_env()
@@ -63,6 +63,9 @@ def main(argv):
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except TrainingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -7,3 +7,7 @@ instead of a traceback.
 
 class ConfigError(ValueError):
   """A user-facing input problem; the message says what is wrong and how to fix it."""
+
+
+class TrainingError(RuntimeError):
+  """A run that must stop (e.g. a non-finite loss with train.nonfinite='stop'); says why."""

@@ -18,7 +18,8 @@ from tests.helpers import tiny_config
 
 def _abstract(config, tensor):
   config.mesh.update(data=-1, tensor=tensor, pipe=1)
-  _, mc = config_check.check(config, 8)
+  config_check.check(config, 8)
+  mc = config_check.check_model(config, config.data.num_items, tensor)
   model, tx = SeqTransformer(mc), optimizer.make(config.train)
   abstract = jax.eval_shape(functools.partial(init_state, model, tx, mc.max_len), jax.random.PRNGKey(0))
   mesh = mesh_lib.build_mesh(dict(data=-1, tensor=tensor, pipe=1))
@@ -88,7 +89,7 @@ def test_vocab_parallel_ops_match_dense_reference():
 
 def test_padding_does_not_leak_into_real_positions():
   """Changing what sits under padded inputs changes nothing at real positions."""
-  mc = config_check.model_config(tiny_config())
+  mc = config_check.model_config(tiny_config(), 300)
   model = SeqTransformer(mc)
   ids = jnp.array([[0, 0, 0, 5, 7, 9, 11, 3, 4, 8, 2, 6]], jnp.int32)
   params = model.init(jax.random.PRNGKey(0), ids)["params"]

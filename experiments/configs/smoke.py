@@ -14,4 +14,7 @@ def get_config(arg=None):
   c.model.update(num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=16)
   c.data.num_items = 500
   c.train.update(steps=60, batch_size=32, learning_rate=1e-2, warmup_steps=5, log_every=10)
+  c.data.eval_users = 128
+  c.eval.update(every_steps=0, batch_size=64)  # 0: only at the end
+  c.checkpoint.every_steps = 20
   return c

@@ -1,16 +1,40 @@
-"""Sequence sources picked by `config.data.name`."""
+"""Data sources picked by `config.data.name`.
 
+A source gives training rows for the loader (`rows(step, start, stop)`, left-padded
+[rows, seq_len] item ids, a pure function of the step) and held-out examples for
+evaluation (`eval_examples(split)` -> per-user histories and target items).
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
+from rec_llm.data import split as split_lib
 from rec_llm.data.synthetic import SyntheticSequences
 from rec_llm.errors import ConfigError
 
-SOURCES = ("synthetic",)
+MOVIELENS = ("ml-1m", "ml-100k", "ml-20m", "ml-25m", "sasrec")
+SOURCES = ("synthetic",) + MOVIELENS
+_EVAL_STEP = {"val": 2**40, "test": 2**40 + 1}  # synthetic held-out rows: steps never trained on
 
 
-def num_items(data_cfg: ConfigDict) -> int:
-  check_name(data_cfg.name)
-  return int(data_cfg.num_items)
+@dataclasses.dataclass
+class Source:
+  name: str
+  num_items: int
+  seq_len: int
+  rows_fn: object
+  eval_fn: object
+  steps_per_epoch: float | None = None
+
+  def rows(self, step: int, start: int, stop: int) -> np.ndarray:
+    return self.rows_fn(step, start, stop)
+
+  def eval_examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+    return self.eval_fn(split)
 
 
 def check_name(name: str) -> None:
@@ -18,9 +42,32 @@ def check_name(name: str) -> None:
     raise ConfigError(f"unknown data.name={name!r}; choose one of {list(SOURCES)}")
 
 
-def make_source(data_cfg: ConfigDict, seq_len: int, seed: int):
-  """A source of left-padded sequences of `seq_len` items (inputs + the shifted target)."""
+def make_source(data_cfg: ConfigDict, seq_len: int, batch_size: int, seed: int) -> Source:
+  """A source of left-padded rows of `seq_len` items (the inputs plus the shifted target)."""
   check_name(data_cfg.name)
-  return SyntheticSequences(int(data_cfg.num_items), seq_len, seed=seed,
-                            zipf_a=float(data_cfg.get("zipf_a", 1.1)),
-                            p_follow=float(data_cfg.get("p_follow", 0.8)))
+  if data_cfg.name == "synthetic":
+    syn = SyntheticSequences(int(data_cfg.num_items), seq_len, seed=seed,
+                             zipf_a=float(data_cfg.get("zipf_a", 1.1)),
+                             p_follow=float(data_cfg.get("p_follow", 0.8)))
+    n_eval = int(data_cfg.get("eval_users", 512))
+
+    def synthetic_eval(split):
+      rows = syn.rows(_EVAL_STEP[split], 0, n_eval)
+      return [r[r > 0][:-1] for r in rows], rows[:, -1].copy()
+    return Source("synthetic", syn.num_items, seq_len, syn.rows, synthetic_eval)
+
+  from rec_llm.data import movielens  # the TFDS stack loads only for real data
+  path = data_cfg.get("path", "")
+  if not path:
+    raise ConfigError(f"data.name={data_cfg.name!r} needs data.path: the raw MovieLens directory, "
+                      "ratings file or GroupLens zip (https://grouplens.org/datasets/movielens/)")
+  load = lambda: movielens.load(path, data_cfg.name, data_cfg.get("data_dir") or None)
+  if jax.process_count() > 1:  # one process prepares the cache; the others then read it
+    if jax.process_index() == 0:
+      load()
+    multihost_utils.sync_global_devices("rec_llm:data_prepared")
+  hist = load()
+  loo = split_lib.leave_one_out(hist.sequences, hist.num_items)
+  windows = split_lib.TrainWindows(loo.train, hist.num_items, seq_len, batch_size, seed)
+  return Source(data_cfg.name, hist.num_items, seq_len, windows.rows, loo.eval_examples,
+                steps_per_epoch=windows.steps_per_epoch)

@@ -65,8 +65,9 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
       the table for even sharding are excluded from the softmax.
 
   Returns:
-    (nll, rank), both [batch, seq]: the negative log-likelihood of each target and the
-    number of items scored strictly above it (rank 0 = top-1), for hit-rate metrics.
+    (nll, rank), both [batch, seq]: the negative log-likelihood of each target and its
+    0-based rank among all items (items scored higher, plus equal-scored items of lower id:
+    the order `lax.top_k` gives), for hit-rate and ranking metrics.
   """
   axes = _axes()
   vaxis, baxis = axes if axes is not None else (None, None)
@@ -85,7 +86,9 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
     hit = (rel >= 0) & (rel < rows)
     picked = jnp.take_along_axis(logits, jnp.clip(rel, 0, rows - 1)[..., None], -1)[..., 0]
     tgt_logit = _psum(jnp.where(hit, picked, 0.0), vaxis)
-    above = (logits > jax.lax.stop_gradient(tgt_logit)[..., None]).sum(-1)
+    t = jax.lax.stop_gradient(tgt_logit)[..., None]
+    # Ties rank below lower ids, as lax.top_k orders them.
+    above = ((logits > t) | ((logits == t) & (col < tgt[..., None]))).sum(-1)
     return lse - tgt_logit, _psum(above, vaxis)
 
   if axes is None:
@@ -93,3 +96,31 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
   return jax.shard_map(
       local, in_specs=(P(baxis, None, None), P(vaxis, None), P(baxis, None)),
       out_specs=(P(baxis, None), P(baxis, None)))(hidden, table, targets)
+
+
+def top_k(hidden: jax.Array, table: jax.Array, k: int, num_valid: int) -> tuple[jax.Array, jax.Array]:
+  """The k best items for each row of hidden [batch, embed]: (scores, ids), both [batch, k].
+
+  Each vocab shard takes its local top-k, the k * shards candidates are gathered, and a
+  second top-k merges them, so no device scores more than its own rows.
+  """
+  axes = _axes()
+  vaxis, baxis = axes if axes is not None else (None, None)
+
+  def local(h, tbl):
+    start, rows = _shard_bounds(tbl, vaxis)
+    scores = jnp.einsum("bd,vd->bv", h, tbl, preferred_element_type=jnp.float32)
+    col = start + jnp.arange(rows)
+    scores = jnp.where((col > 0) & (col < num_valid), scores, -jnp.inf)
+    s, i = jax.lax.top_k(scores, min(k, rows))
+    i = i + start
+    if vaxis is not None:  # merge: candidates from every shard, in shard (= id) order
+      s = jax.lax.all_gather(s, vaxis, axis=1, tiled=True)
+      i = jax.lax.all_gather(i, vaxis, axis=1, tiled=True)
+    best, pos = jax.lax.top_k(s, k)
+    return best, jnp.take_along_axis(i, pos, axis=1)
+
+  if axes is None:
+    return local(hidden, table)
+  return jax.shard_map(local, in_specs=(P(baxis, None), P(vaxis, None)),
+                       out_specs=(P(baxis, None), P(baxis, None)), check_vma=False)(hidden, table)

@@ -15,17 +15,17 @@ def _positive(cfg: ConfigDict, section: str, *names: str) -> None:
       raise ConfigError(f"{section}.{n}={v!r} must be a positive number")
 
 
-def model_config(config: ConfigDict) -> ModelConfig:
+def model_config(config: ConfigDict, num_items: int) -> ModelConfig:
   m = config.model
   return ModelConfig(
-      num_items=sources.num_items(config.data), num_layers=m.num_layers, d_model=m.d_model,
+      num_items=num_items, num_layers=m.num_layers, d_model=m.d_model,
       num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len,
       vocab_multiple=m.get("vocab_multiple", 128), dropout_rate=m.get("dropout_rate", 0.0),
       dtype=m.get("dtype", "float32"), remat=m.get("remat", False))
 
 
-def check(config: ConfigDict, num_devices: int) -> tuple[tuple[int, int, int], ModelConfig]:
-  """Returns the resolved (data, tensor, pipe) mesh shape and the model config, or raises."""
+def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Checks everything that needs no data; returns the resolved (data, tensor, pipe) shape."""
   for section in ("mesh", "model", "data", "train"):
     if section not in config:
       raise ConfigError(f"config has no '{section}' section; start from experiments/configs/default.py")
@@ -35,29 +35,48 @@ def check(config: ConfigDict, num_devices: int) -> tuple[tuple[int, int, int], M
     raise ConfigError(f"mesh.pipe={pipe}: pipeline parallelism is not available yet; set mesh.pipe=1")
   _positive(config, "model", "num_layers", "d_model", "num_heads", "mlp_dim", "max_len")
   _positive(config, "train", "steps", "batch_size", "learning_rate", "log_every")
-  mc = model_config(config)
-  if mc.num_items < 1:
-    raise ConfigError(f"data.num_items={mc.num_items} must be at least 1")
-  if mc.max_len < 2:
-    raise ConfigError(f"model.max_len={mc.max_len} must be at least 2 (an input and a target)")
-  if mc.d_model % mc.num_heads:
-    raise ConfigError(f"model.d_model={mc.d_model} is not divisible by model.num_heads={mc.num_heads}")
-  if mc.num_heads % tensor:
-    raise ConfigError(f"model.num_heads={mc.num_heads} is not divisible by mesh.tensor={tensor}; "
+  sources.check_name(config.data.name)
+  m = config.model
+  if m.max_len < 2:
+    raise ConfigError(f"model.max_len={m.max_len} must be at least 2 (an input and a target)")
+  if m.d_model % m.num_heads:
+    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+  if m.num_heads % tensor:
+    raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}; "
                       "attention heads are split over the tensor axis")
-  if mc.mlp_dim % tensor:
-    raise ConfigError(f"model.mlp_dim={mc.mlp_dim} is not divisible by mesh.tensor={tensor}")
-  if mc.vocab_size % tensor:
-    raise ConfigError(f"the item table has {mc.vocab_size} rows, not divisible by mesh.tensor="
-                      f"{tensor}; set model.vocab_multiple to a multiple of {tensor}")
+  if m.mlp_dim % tensor:
+    raise ConfigError(f"model.mlp_dim={m.mlp_dim} is not divisible by mesh.tensor={tensor}")
   if config.train.batch_size % data:
     raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by "
                       f"mesh.data={data}; each data replica needs the same number of rows")
-  if mc.dtype not in ("float32", "bfloat16", "float16"):
-    raise ConfigError(f"model.dtype={mc.dtype!r}; choose float32, bfloat16 or float16")
-  if not 0.0 <= mc.dropout_rate < 1.0:
-    raise ConfigError(f"model.dropout_rate={mc.dropout_rate} must be in [0, 1)")
+  if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
+    raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
+  if not 0.0 <= m.get("dropout_rate", 0.0) < 1.0:
+    raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   warmup = config.train.get("warmup_steps", 0)
   if not 0 <= warmup <= config.train.steps:
     raise ConfigError(f"train.warmup_steps={warmup} must be between 0 and train.steps={config.train.steps}")
-  return shape, mc
+  nonfinite = config.train.get("nonfinite", "skip")
+  if nonfinite not in ("skip", "stop"):
+    raise ConfigError(f"train.nonfinite={nonfinite!r}; choose 'skip' (drop the update) or 'stop'")
+  ev = config.get("eval")
+  if ev is not None:
+    if ev.get("batch_size", data) % data:
+      raise ConfigError(f"eval.batch_size={ev.batch_size} is not divisible by mesh.data={data}")
+    if any(k <= 0 for k in ev.get("ks", (10,))):
+      raise ConfigError(f"eval.ks={list(ev.ks)} must be positive cutoffs")
+  ck = config.get("checkpoint")
+  if ck is not None and ck.get("every_steps", 0) < 0:
+    raise ConfigError(f"checkpoint.every_steps={ck.every_steps} must be >= 0 (0: only at the end)")
+  return shape
+
+
+def check_model(config: ConfigDict, num_items: int, tensor: int) -> ModelConfig:
+  """The model config for `num_items` items (known once the data is loaded)."""
+  if num_items < 1:
+    raise ConfigError(f"the data has {num_items} items; it needs at least 1")
+  mc = model_config(config, num_items)
+  if mc.vocab_size % tensor:
+    raise ConfigError(f"the item table has {mc.vocab_size} rows, not divisible by mesh.tensor="
+                      f"{tensor}; set model.vocab_multiple to a multiple of {tensor}")
+  return mc

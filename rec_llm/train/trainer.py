@@ -1,9 +1,8 @@
-"""One flat trainer: build the sharded run from a config, then loop, log and write metrics."""
+"""One flat trainer: build the sharded run from a config, then loop, evaluate, checkpoint, log."""
 
 import dataclasses
 import functools
-import json
-import os
+import signal
 import time
 from typing import Any
 
@@ -11,14 +10,18 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from rec_llm.data import loader, sources
+from rec_llm.errors import TrainingError
+from rec_llm.eval.ranking import Evaluator
 from rec_llm.models.seq_transformer import ModelConfig, SeqTransformer, count_params, flops_per_token
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import sharding
-from rec_llm.train import config_check, optimizer, throughput
+from rec_llm.train import checkpoint, config_check, optimizer, throughput
+from rec_llm.train.metric_writer import MetricWriter
 from rec_llm.train.step import TrainState, init_state, make_train_step
 
 
@@ -28,36 +31,48 @@ class Run:
   mesh: Mesh
   model_cfg: ModelConfig
   model: SeqTransformer
-  state: TrainState
+  source: sources.Source
   state_shardings: Any
+  abstract_state: Any  # ShapeDtypeStructs with this mesh's shardings (restore target)
+  init_fn: Any
   batches: loader.BatchMaker
   train_step: Any  # jitted (state, batch) -> (state, metrics); donates the state
+  state: TrainState | None = None
 
-  def compile(self):
+  def compile(self, state=None):
     """Ahead-of-time compile for this run's exact shapes: no recompiles in the loop."""
     with sharding.activate(self.mesh):
-      return self.train_step.lower(self.state, self.batches(0)).compile()
+      return self.train_step.lower(self.state if state is None else state, self.batches(0)).compile()
 
 
-def build(config: ConfigDict, devices: list[jax.Device] | None = None) -> Run:
+def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: bool = True) -> Run:
   devices = list(jax.devices() if devices is None else devices)
-  shape, mc = config_check.check(config, len(devices))
+  shape = config_check.check(config, len(devices))
   mesh = mesh_lib.build_mesh(dict(zip(mesh_lib.MESH_AXES, shape)), devices)
+  tc = config.train
+  seed = int(tc.seed)
+  source = sources.make_source(config.data, config.model.max_len + 1, int(tc.batch_size), seed)
+  mc = config_check.check_model(config, source.num_items, shape[1])
   model = SeqTransformer(mc)
-  tx = optimizer.make(config.train)
-  seed = int(config.train.seed)
+  tx = optimizer.make(tc)
   rng = jax.random.PRNGKey(seed)
   boxed = functools.partial(init_state, model, tx, mc.max_len)
-  state_shardings = sharding.tree_shardings(jax.eval_shape(boxed, rng), mesh)
+  abstract_boxed = jax.eval_shape(boxed, rng)
+  state_shardings = sharding.tree_shardings(abstract_boxed, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(abstract_boxed), state_shardings)
   # Created directly sharded: no host or device ever holds the whole model.
-  state = jax.jit(lambda r: nn.meta.unbox(boxed(r)), out_shardings=state_shardings)(rng)
-  source = sources.make_source(config.data, mc.max_len + 1, seed)
-  batches = loader.BatchMaker(source, int(config.train.batch_size), mesh)
-  step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0)
+  init_fn = jax.jit(lambda: nn.meta.unbox(boxed(rng)), out_shardings=state_shardings)
+  batches = loader.BatchMaker(source, int(tc.batch_size), mesh)
+  step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
+                            inject_nonfinite_steps=tuple(tc.get("inject_nonfinite_steps", ())))
   batch_shardings = {"inputs": batches.sharding, "targets": batches.sharding}
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
-  return Run(config, mesh, mc, model, state, state_shardings, batches, jitted)
+  run = Run(config, mesh, mc, model, source, state_shardings, abstract, init_fn, batches, jitted)
+  if init:
+    run.state = init_fn()
+  return run
 
 
 def to_host(tree):
@@ -65,50 +80,156 @@ def to_host(tree):
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def train(config: ConfigDict, workdir: str | None = None) -> list[dict]:
-  """Trains for config.train.steps; returns the logged records (also in workdir/metrics.jsonl)."""
-  run = build(config)
+class _Preemption:
+  """SIGTERM asks the loop to save and exit at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler
+      self._old = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """True on every process once any process was asked to stop."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def make_evaluator(run: Run) -> Evaluator | None:
+  ev = run.config.get("eval")
+  if ev is None:
+    return None
+  return Evaluator(run.model, run.mesh, run.source, run.model_cfg.max_len,
+                   int(ev.get("batch_size", 256)), ks=tuple(ev.get("ks", (10, 50, 200))),
+                   num_negatives=int(ev.get("num_negatives", 0)), seed=int(run.config.train.seed))
+
+
+def train(config: ConfigDict, workdir: str | None = None,
+          devices: list[jax.Device] | None = None) -> list[dict]:
+  """Trains to config.train.steps, resuming from workdir's latest checkpoint if there is one.
+
+  Returns the records it logged (also appended to workdir/metrics.jsonl and TensorBoard).
+  """
+  t_begin = time.perf_counter()
+  run = build(config, devices, init=False)
   mc, tc = run.model_cfg, config.train
+  ck_cfg = config.get("checkpoint", ConfigDict({"every_steps": 0, "max_to_keep": 3}))
+  ckpt = checkpoint.Checkpointer(workdir, int(ck_cfg.get("max_to_keep", 3))) if workdir else None
+  elapsed0 = 0.0
+  if ckpt and ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(run.abstract_state)
+    if int(meta["data_position"]) != int(to_host(state.step)):
+      raise TrainingError(f"checkpoint {ckpt.latest_step()} is inconsistent: state step "
+                          f"{int(to_host(state.step))} vs data position {meta['data_position']}")
+    elapsed0 = float(meta.get("elapsed_s", 0.0))
+    logging.info("resumed from %s at step %d", ckpt.directory, int(meta["step"]))
+  else:
+    state = run.init_fn()
+  start = int(to_host(state.step))
   t0 = time.perf_counter()
-  step_fn = run.compile()
-  n_params = count_params(mc)
-  logging.info("mesh %s | params: %s | compiled in %.1fs", mesh_lib.describe(run.mesh),
-               {k: f"{v:,}" for k, v in n_params.items()}, time.perf_counter() - t0)
+  step_fn = run.compile(state)
+  logging.info("mesh %s | data %s (%d items) | params: %s | compiled in %.1fs",
+               mesh_lib.describe(run.mesh), run.source.name, mc.num_items,
+               {k: f"{v:,}" for k, v in count_params(mc).items()}, time.perf_counter() - t0)
   peak, peak_src = throughput.total_peak_flops(list(run.mesh.devices.flat),
                                                float(tc.get("peak_tflops", 0.0)))
   tokens_per_step = tc.batch_size * mc.max_len
   flops_per_step = flops_per_token(mc, mc.max_len) * tokens_per_step
   logging.info("peak %.3g FLOP/s (%s); %.3g model FLOPs per step", peak, peak_src, flops_per_step)
+  evaluator = make_evaluator(run)
+  eval_every = int(config.get("eval", {}).get("every_steps", 0)) if evaluator else 0
+  ck_every = int(ck_cfg.get("every_steps", 0))
+  stop_on_nonfinite = tc.get("nonfinite", "skip") == "stop"
+  spe = run.source.steps_per_epoch
 
-  writer = None
-  if workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    writer = open(os.path.join(workdir, "metrics.jsonl"), "a")
-  history, state = [], run.state
-  last_logged, t_last, t_start = 0, time.perf_counter(), time.perf_counter()
+  writer, history = MetricWriter(workdir), []
+  elapsed = lambda: elapsed0 + time.perf_counter() - t_begin
+
+  def log(rec):
+    rec = {**rec, "time_s": elapsed()}
+    if spe:
+      rec["epoch"] = rec["step"] / spe
+    history.append(rec)
+    writer.write(rec)
+
+  def evaluate(done, splits):
+    for split in splits:
+      t = time.perf_counter()
+      m = evaluator.evaluate(state.params, split)
+      prefix = "eval" if split == "val" else "test"
+      logging.info("step %d %s: %s (%.1fs)", done, split,
+                   " ".join(f"{k} {v:.4f}" for k, v in m.items()), time.perf_counter() - t)
+      log({"step": done, **{f"{prefix}/{k}": v for k, v in m.items()}})
+
+  skipped_seen = 0
+
+  def check_finite(done, skipped):
+    nonlocal skipped_seen
+    if skipped > skipped_seen:
+      msg = (f"{skipped - skipped_seen} step(s) up to step {done} had a non-finite loss or "
+             f"gradient; their updates were dropped")
+      if stop_on_nonfinite:
+        raise TrainingError(msg + " and the run stops (train.nonfinite='stop'); the latest "
+                            "checkpoint holds only finite values")
+      logging.warning("%s (train.nonfinite='skip')", msg)
+      skipped_seen = skipped
+
+  def save(done, skipped):
+    check_finite(done, skipped)
+    ckpt.save(done, state, {"step": done, "data_position": done, "elapsed_s": elapsed(),
+                            "mesh": mesh_lib.describe(run.mesh)})
+
+  preempt = _Preemption()
+  last_logged, t_last = start, time.perf_counter()
   try:
-    for step, batch in loader.prefetch(run.batches, 0, tc.steps):
+    for step, batch in loader.prefetch(run.batches, start, tc.steps):
       state, metrics = step_fn(state, batch)
       done = step + 1
-      if done == 1 or done % tc.log_every == 0 or done == tc.steps:
+      if done == start + 1 or done % tc.log_every == 0 or done == tc.steps:
         m = to_host(metrics)  # the only host sync: at log steps
         now = time.perf_counter()
         step_time = (now - t_last) / (done - last_logged)
+        check_finite(done, int(m["skipped"]))
         rec = {"step": done, "loss": float(m["loss"]), "hr@10": float(m["hr@10"]),
                "grad_norm": float(m["grad_norm"]), "step_time_s": step_time,
                "tokens_per_s": tokens_per_step / step_time,
                "mfu": flops_per_step / step_time / peak}
-        history.append(rec)
-        eta = (now - t_start) / done * (tc.steps - done)
+        eta = (now - t0) / (done - start) * (tc.steps - done)
         logging.info("step %d/%d | loss %.4f | hr@10 %.3f | %.3fs/step | %s tok/s | MFU %.2f%% | ETA %ds",
                      done, tc.steps, rec["loss"], rec["hr@10"], step_time,
                      f"{rec['tokens_per_s']:,.0f}", 100 * rec["mfu"], eta)
-        if writer:
-          writer.write(json.dumps(rec) + "\n")
-          writer.flush()
+        log(rec)
         last_logged, t_last = done, time.perf_counter()
+      if evaluator and eval_every and done % eval_every == 0 and done != tc.steps:
+        evaluate(done, ["val"])
+        t_last = time.perf_counter()
+      if ckpt and ck_every and done % ck_every == 0:
+        save(done, int(to_host(state.skipped)))
+      if preempt.agreed():
+        if ckpt and ckpt.latest_step() != done:
+          save(done, int(to_host(state.skipped)))
+        logging.warning("SIGTERM: saved step %d and stopped; run the same command to resume", done)
+        return history
+    done = int(to_host(state.step))
+    if evaluator:
+      evaluate(done, ["val", "test"])
+    if ckpt and ckpt.latest_step() != done:
+      save(done, int(to_host(state.skipped)))
   finally:
-    if writer:
-      writer.close()
+    preempt.restore()
+    if ckpt:
+      ckpt.close()
+    writer.close()
   run.state = state
+  logging.info("finished %d steps in %.1fs", tc.steps, elapsed())
   return history

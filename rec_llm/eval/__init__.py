@@ -1,0 +1,1 @@
+"""Evaluation: full-ranking (and sampled) next-item metrics, sharded like training."""

@@ -1,0 +1,138 @@
+"""Ranking metrics against brute-force numpy, ties included; sharded evaluation vs one device."""
+
+import jax
+import numpy as np
+import pytest
+
+from rec_llm.data.split import leave_one_out, TrainWindows
+from rec_llm.eval.ranking import Evaluator, metrics_from_ranks, sample_negatives
+from rec_llm.parallel import mesh as mesh_lib
+from rec_llm.parallel import sharding, vocab_parallel
+from rec_llm.train import trainer
+from tests.helpers import tiny_config
+
+KS = (10, 50, 200)
+
+
+def _tied_problem(seed=0, users=24, vocab=256, num_valid=230, d=4):
+  """Scores with many exact ties: duplicated table rows and small-integer values."""
+  rng = np.random.default_rng(seed)
+  base = rng.integers(-2, 3, size=(vocab // 4, d)).astype(np.float32)
+  table = np.repeat(base, 4, axis=0)  # every item has three exact twins
+  hidden = rng.integers(-2, 3, size=(users, d)).astype(np.float32)
+  targets = rng.integers(1, num_valid, size=users).astype(np.int32)
+  return hidden, table, targets, num_valid
+
+
+def _brute_force(hidden, table, targets, num_valid):
+  """Sort every valid item by score (descending; ties by lower id) and read metrics off the list."""
+  scores = hidden @ table.T
+  out = {f"{m}@{k}": [] for k in KS for m in ("hr", "ndcg")}
+  out["mrr"], ranks = [], []
+  for s, t in zip(scores, targets):
+    items = np.arange(1, num_valid)
+    order = items[np.lexsort((items, -s[items]))]
+    pos = int(np.flatnonzero(order == t)[0])
+    ranks.append(pos)
+    for k in KS:
+      out[f"hr@{k}"].append(float(t in order[:k]))
+      out[f"ndcg@{k}"].append(1.0 / np.log2(pos + 2) if pos < k else 0.0)
+    out["mrr"].append(1.0 / (pos + 1))
+  return np.array(ranks), {k: float(np.mean(v)) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("data,tensor", [(1, 1), (2, 4), (1, 8)])
+def test_full_ranking_metrics_equal_brute_force_with_ties(data, tensor):
+  hidden, table, targets, num_valid = _tied_problem()
+  want_ranks, want = _brute_force(hidden, table, targets, num_valid)
+  mesh = mesh_lib.build_mesh(dict(data=data, tensor=tensor, pipe=1), jax.devices()[: data * tensor])
+  with sharding.activate(mesh):
+    _, rank = jax.jit(vocab_parallel.softmax_xent, static_argnums=3)(
+        hidden[:, None], table, targets[:, None], num_valid)
+  ranks = np.asarray(rank)[:, 0]
+  np.testing.assert_array_equal(ranks, want_ranks)
+  got = metrics_from_ranks(ranks, KS)
+  assert got.keys() == want.keys()
+  for k in want:
+    assert got[k] == pytest.approx(want[k], abs=1e-12), k
+
+
+def test_ties_really_occur_in_the_problem():
+  hidden, table, targets, num_valid = _tied_problem()
+  scores = hidden @ table.T
+  t = scores[np.arange(len(targets)), targets]
+  ties = ((scores[:, 1:num_valid] == t[:, None]).sum(1) - 1)
+  assert (ties >= 3).all()  # each target has at least its three twins tied with it
+
+
+def test_sharded_top_k_equals_dense_top_k_with_ties():
+  hidden, table, _, num_valid = _tied_problem(1)
+  mesh = mesh_lib.build_mesh(dict(data=2, tensor=4, pipe=1))
+  with sharding.activate(mesh):
+    scores, ids = jax.jit(vocab_parallel.top_k, static_argnums=(2, 3))(hidden, table, 20, num_valid)
+  dense = hidden @ table.T
+  dense[:, 0] = -np.inf
+  dense[:, num_valid:] = -np.inf
+  want_s, want_i = jax.lax.top_k(dense, 20)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_i))
+  np.testing.assert_array_equal(np.asarray(scores), np.asarray(want_s))
+
+
+def test_sampled_negatives_are_unseen_and_seeded():
+  hist = [np.array([1, 2, 3]), np.array([4, 5])]
+  targets = np.array([6, 7])
+  negs = sample_negatives(hist, targets, 50, 20, seed=0)
+  assert negs.shape == (2, 20)
+  for h, t, n in zip(hist, targets, negs):
+    assert not set(n) & (set(h) | {t}) and len(set(n)) == 20 and n.min() >= 1 and n.max() <= 50
+  np.testing.assert_array_equal(negs, sample_negatives(hist, targets, 50, 20, seed=0))
+  with pytest.raises(ValueError, match="fewer than"):
+    sample_negatives(hist, targets, 10, 8, seed=0)
+
+
+def _trained_run(data, tensor):
+  c = tiny_config(data=data, tensor=tensor)
+  c.data.eval_users = 40
+  return trainer.build(c, jax.devices()[: data * tensor])
+
+
+@pytest.mark.parametrize("negatives", [0, 30])
+def test_sharded_evaluation_matches_single_device(negatives):
+  ref, run = _trained_run(1, 1), _trained_run(4, 2)
+  ev = lambda r: Evaluator(r.model, r.mesh, r.source, r.model_cfg.max_len, 16, KS, negatives, 0)
+  want = ev(ref).ranks(ref.state.params, "test")
+  got = ev(run).ranks(run.state.params, "test")
+  assert len(got) == 40  # padded rows dropped
+  np.testing.assert_array_equal(got, want)
+  if negatives:
+    assert got.max() <= negatives
+
+
+def test_sampled_ranks_equal_brute_force():
+  run = _trained_run(2, 4)
+  ev = Evaluator(run.model, run.mesh, run.source, run.model_cfg.max_len, 16, KS, 30, 0)
+  ranks = ev.ranks(run.state.params, "val")
+  inputs, cands, n = ev._prepare("val")
+  hidden, table = run.model.apply({"params": jax.device_get(run.state.params)}, inputs[:n])
+  s = np.einsum("bd,bnd->bn", np.asarray(hidden[:, -1]), np.asarray(table)[cands[:n]])
+  ids = cands[:n]
+  want = ((s[:, 1:] > s[:, :1]) | ((s[:, 1:] == s[:, :1]) & (ids[:, 1:] < ids[:, :1]))).sum(1)
+  np.testing.assert_array_equal(ranks, want)
+
+
+def test_leave_one_out_and_epoch_windows():
+  seqs = [np.arange(1, 8), np.array([3, 4]), np.array([5, 6, 7])]
+  loo = leave_one_out(seqs, 10)
+  np.testing.assert_array_equal(loo.eval_users, [0, 2])
+  np.testing.assert_array_equal(loo.train[0], [1, 2, 3, 4, 5])
+  hist, tg = loo.eval_examples("val")
+  np.testing.assert_array_equal(tg, [6, 6])
+  np.testing.assert_array_equal(hist[0], [1, 2, 3, 4, 5])
+  hist, tg = loo.eval_examples("test")
+  np.testing.assert_array_equal(tg, [7, 7])
+  np.testing.assert_array_equal(hist[1], [5, 6])
+  w = TrainWindows(loo.train, 10, seq_len=4, batch_size=2, seed=0)
+  assert w.users == [0, 1]  # user 2 has one training item: no (input, target) pair
+  epoch = np.concatenate([w.rows(0, 0, 2)])
+  assert sorted(map(tuple, epoch)) == sorted([(2, 3, 4, 5), (0, 0, 3, 4)])
+  np.testing.assert_array_equal(w.rows(3, 0, 2), TrainWindows(loo.train, 10, 4, 2, 0).rows(3, 0, 2))
