@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT
 from tests.helpers import run_trainer
@@ -15,8 +16,16 @@ from tests.helpers import run_trainer
 ARGS = ["--config=experiments/configs/smoke.py", "--config.train.steps=6", "--config.train.log_every=1"]
 
 
+def _records(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
 def _losses(workdir):
-  return [json.loads(l)["loss"] for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [r["loss"] for r in _records(workdir) if "loss" in r]
+
+
+def _test_metrics(workdir):
+  return {k: v for r in _records(workdir) for k, v in r.items() if k.startswith("test/")}
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -28,6 +37,11 @@ def test_two_processes_match_one_process(tmp_path):
   assert "process 1/2" in p2.stdout + p2.stderr  # really two processes
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
   assert len(_losses(two)) == 6
+  # Evaluation gathers ranks from both processes: the same metrics as one process.
+  want, got = _test_metrics(one), _test_metrics(two)
+  assert want and got.keys() == want.keys()
+  for k in want:
+    assert got[k] == pytest.approx(want[k], abs=1e-9), k
 
 
 def _children(pid):
