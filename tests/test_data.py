@@ -34,3 +34,28 @@ def test_popularity_is_power_law_and_transitions_are_learnable():
   keep = prev > 0
   hits = np.mean(src.successors[prev[keep], 0] == nxt[keep])
   assert hits > 0.3
+
+
+def test_length_buckets_cover_each_epoch_once_and_only_trim_padding():
+  from rec_llm.data.split import TrainWindows
+  rng = np.random.default_rng(0)
+  train = [rng.integers(1, 50, size=n) for n in rng.integers(2, 40, size=103)]
+  plain = TrainWindows(train, 50, seq_len=33, batch_size=10, seed=1)
+  bucketed = TrainWindows(train, 50, seq_len=33, batch_size=10, seed=1, buckets=(5, 9, 17))
+  assert bucketed.buckets == (5, 9, 17, 33) and bucketed.steps_per_epoch == 10
+  for epoch in range(2):
+    seen, widths = [], set()
+    for step in range(epoch * 10, epoch * 10 + 10):
+      width = bucketed.row_len(step)
+      rows = bucketed.rows(step, 0, 10)
+      widths.add(width)
+      assert rows.shape == (10, width)
+      users = bucketed.users[bucketed._positions(step, 0, 10)]
+      full = plain.rows(0, 0, 1).shape[1]
+      from rec_llm.data.split import left_pad
+      np.testing.assert_array_equal(left_pad([train[u] for u in users], full)[:, -width:], rows)
+      assert (left_pad([train[u] for u in users], full)[:, :-width] == 0).all()  # only padding cut
+      np.testing.assert_array_equal(rows[3:7], bucketed.rows(step, 3, 7))  # any shard split
+      seen.extend(users.tolist())
+    assert len(seen) == len(set(seen)) == 100  # 3 of 103 users sit out each epoch
+    assert len(widths) > 1

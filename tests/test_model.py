@@ -48,7 +48,7 @@ def test_1b_model_initialises_abstractly_with_sharded_item_table():
 def _hlo(data, tensor):
   run = trainer.build(tiny_config(data=data, tensor=tensor),
                       jax.devices()[: data * tensor])
-  return run.model_cfg, run.compile().as_text()
+  return run.model_cfg, run.compile().executables[run.model_cfg.max_len].as_text()
 
 
 @pytest.mark.parametrize("data,tensor", [(2, 4), (1, 8)])
@@ -102,3 +102,21 @@ def test_padding_does_not_leak_into_real_positions():
   params2["item_embedding"] = params["item_embedding"].at[0].set(100.0)
   h2, _ = model.apply({"params": params2}, ids)
   np.testing.assert_allclose(h1[0, 3:], h2[0, 3:], rtol=1e-6, atol=1e-6)
+
+
+def test_short_window_equals_left_padded_full_window():
+  """Length buckets are exact: positions count back from the latest item."""
+  mc = config_check.model_config(tiny_config(), 300)
+  model = SeqTransformer(mc)
+  short = jnp.array([[0, 5, 7, 9, 11], [4, 8, 2, 6, 1]], jnp.int32)
+  full = jnp.pad(short, ((0, 0), (mc.max_len - 5, 0)))
+  params = nn_unbox(model.init(jax.random.PRNGKey(0), full)["params"])
+  h_short, _ = model.apply({"params": params}, short)
+  h_full, _ = model.apply({"params": params}, full)
+  np.testing.assert_allclose(h_short[:, 1:], h_full[:, -4:], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(h_short[1, 0], h_full[1, -5], rtol=1e-5, atol=1e-6)
+
+
+def nn_unbox(tree):
+  import flax.linen as nn
+  return nn.meta.unbox(tree)

@@ -17,9 +17,12 @@ def get_config(arg=None):
   c.mesh.update(data=4, tensor=2, pipe=1)
   c.model.update(num_layers=2, d_model=64, num_heads=2, mlp_dim=256, max_len=200,
                  dropout_rate=0.2, vocab_multiple=128)
-  c.data = default.ml_collections.ConfigDict(dict(name="sasrec", path="", data_dir=""))
-  c.train.update(steps=2000, batch_size=128, learning_rate=2e-3, warmup_steps=100,
-                 end_lr_fraction=0.05, weight_decay=0.01, b2=0.98, log_every=50)
-  c.eval.update(every_steps=250, batch_size=512, ks=(10, 50, 200), num_negatives=0)
-  c.checkpoint.update(every_steps=250, max_to_keep=2)
+  # Length buckets: a batch of similar-length users is only as wide as it needs to be
+  # (exact: positions count back from the latest item), 1.5x fewer positions on ML-1M.
+  c.data = default.ml_collections.ConfigDict(dict(name="sasrec", path="", data_dir="",
+                                                  length_buckets=(25, 50, 100)))
+  c.train.update(steps=4000, batch_size=128, learning_rate=2e-3, warmup_steps=100,
+                 end_lr_fraction=0.05, weight_decay=0.01, b2=0.98, log_every=100)  # 85 epochs
+  c.eval.update(every_steps=500, batch_size=512, ks=(10, 50, 200), num_negatives=0)
+  c.checkpoint.update(every_steps=500, max_to_keep=2)
   return c

@@ -17,28 +17,40 @@ from rec_llm.parallel import sharding
 
 
 class SequenceSource(Protocol):
-  seq_len: int
+  row_lengths: tuple[int, ...]
 
   def rows(self, step: int, start: int, stop: int) -> np.ndarray: ...
 
+  def row_len(self, step: int) -> int: ...
+
 
 class BatchMaker:
-  """Makes {'inputs', 'targets'} global arrays [batch, seq_len - 1], sharded ('batch', 'seq')."""
+  """Makes {'inputs', 'targets'} global arrays [batch, width], sharded ('batch', 'seq').
+
+  width = the source's row length for the step, minus one (inputs and shifted targets).
+  """
 
   def __init__(self, source: SequenceSource, batch_size: int, mesh: Mesh):
     self.source, self.batch_size = source, batch_size
     self.sharding = sharding.named(mesh, ("batch", "seq"))
-    self.shape = (batch_size, source.seq_len - 1)
+    self.widths = tuple(n - 1 for n in source.row_lengths)
     # Devices that share rows (tensor/pipe replicas) reuse one build.
     self._rows = functools.lru_cache(maxsize=64)(source.rows)
 
+  def spec(self, width: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The abstract batch of one width, for ahead-of-time compilation."""
+    s = jax.ShapeDtypeStruct((self.batch_size, width), np.int32, sharding=self.sharding)
+    return {"inputs": s, "targets": s}
+
   def __call__(self, step: int) -> dict[str, jax.Array]:
+    shape = (self.batch_size, self.source.row_len(step) - 1)
+
     def part(offset):
       def cb(index):
         rows = index[0]
         r = self._rows(step, rows.start or 0, self.batch_size if rows.stop is None else rows.stop)
-        return r[:, offset: offset + self.shape[1]]
-      return jax.make_array_from_callback(self.shape, self.sharding, cb)
+        return r[:, offset: offset + shape[1]]
+      return jax.make_array_from_callback(shape, self.sharding, cb)
     return {"inputs": part(0), "targets": part(1)}
 
 

@@ -29,9 +29,17 @@ class Source:
   rows_fn: object
   eval_fn: object
   steps_per_epoch: float | None = None
+  row_len_fn: object = None  # step -> row width (length buckets); None: always seq_len
+  row_lengths: tuple[int, ...] = ()  # every width row_len_fn can return
+
+  def __post_init__(self):
+    self.row_lengths = tuple(self.row_lengths) or (self.seq_len,)
 
   def rows(self, step: int, start: int, stop: int) -> np.ndarray:
     return self.rows_fn(step, start, stop)
+
+  def row_len(self, step: int) -> int:
+    return self.seq_len if self.row_len_fn is None else self.row_len_fn(step)
 
   def eval_examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
     return self.eval_fn(split)
@@ -68,6 +76,11 @@ def make_source(data_cfg: ConfigDict, seq_len: int, batch_size: int, seed: int) 
     multihost_utils.sync_global_devices("rec_llm:data_prepared")
   hist = load()
   loo = split_lib.leave_one_out(hist.sequences, hist.num_items)
-  windows = split_lib.TrainWindows(loo.train, hist.num_items, seq_len, batch_size, seed)
+  buckets = tuple(int(b) + 1 for b in data_cfg.get("length_buckets", ()))  # + the target
+  if any(b < 3 or b > seq_len for b in buckets):
+    raise ConfigError(f"data.length_buckets={list(data_cfg.length_buckets)} must lie in "
+                      f"[2, model.max_len={seq_len - 1}]")
+  windows = split_lib.TrainWindows(loo.train, hist.num_items, seq_len, batch_size, seed, buckets)
   return Source(data_cfg.name, hist.num_items, seq_len, windows.rows, loo.eval_examples,
-                steps_per_epoch=windows.steps_per_epoch)
+                steps_per_epoch=windows.steps_per_epoch, row_len_fn=windows.row_len,
+                row_lengths=windows.buckets)

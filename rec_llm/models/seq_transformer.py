@@ -117,7 +117,10 @@ class SeqTransformer(nn.Module):
     pos = self.param("pos_embedding", Logical(nn.initializers.normal(0.02), ("seq", "embed")),
                      (cfg.max_len, cfg.d_model))
     valid = ids != 0
-    x = vocab_parallel.embed_lookup(table, ids) * math.sqrt(cfg.d_model) + pos[: ids.shape[1]]
+    # Positions count back from the latest item, so a short (length-bucketed) window computes
+    # exactly what the same window left-padded to max_len would.
+    x = (vocab_parallel.embed_lookup(table, ids) * math.sqrt(cfg.d_model)
+         + pos[cfg.max_len - ids.shape[1]:])
     x = nn.Dropout(cfg.dropout_rate, deterministic=not train)(x)
     x = constrain((x * valid[..., None]).astype(dt), ("batch", "seq", "embed"))
     block = nn.remat(Block) if cfg.remat else Block

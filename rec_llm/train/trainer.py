@@ -39,10 +39,29 @@ class Run:
   train_step: Any  # jitted (state, batch) -> (state, metrics); donates the state
   state: TrainState | None = None
 
-  def compile(self, state=None):
-    """Ahead-of-time compile for this run's exact shapes: no recompiles in the loop."""
+  def compile(self, state=None) -> "CompiledStep":
+    """Ahead-of-time compile for every batch width of this run: no recompiles in the loop."""
+    state = self.state if state is None else state
     with sharding.activate(self.mesh):
-      return self.train_step.lower(self.state if state is None else state, self.batches(0)).compile()
+      return CompiledStep({w: self.train_step.lower(state, self.batches.spec(w)).compile()
+                           for w in self.batches.widths})
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  """(state, batch) -> (state, metrics), dispatched on the batch width (length buckets)."""
+  executables: dict[int, Any]
+  last_width: int | None = None
+
+  def __call__(self, state, batch):
+    width = batch["inputs"].shape[1]
+    if self.last_width not in (None, width) and jax.devices()[0].platform == "cpu":
+      # XLA:CPU runs collectives of queued programs on a shared thread pool; two different
+      # programs in flight at once can wait on each other's rendezvous until it aborts
+      # (seen on 2 cores). Let the previous step finish before switching programs.
+      jax.block_until_ready(state)
+    self.last_width = width
+    return self.executables[width](state, batch)
 
 
 def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: bool = True) -> Run:
@@ -143,9 +162,11 @@ def train(config: ConfigDict, workdir: str | None = None,
                {k: f"{v:,}" for k, v in count_params(mc).items()}, time.perf_counter() - t0)
   peak, peak_src = throughput.total_peak_flops(list(run.mesh.devices.flat),
                                                float(tc.get("peak_tflops", 0.0)))
-  tokens_per_step = tc.batch_size * mc.max_len
-  flops_per_step = flops_per_token(mc, mc.max_len) * tokens_per_step
-  logging.info("peak %.3g FLOP/s (%s); %.3g model FLOPs per step", peak, peak_src, flops_per_step)
+  # Positions and model FLOPs of a step, by batch width (length buckets change both).
+  tokens_of = {w: tc.batch_size * w for w in run.batches.widths}
+  flops_of = {w: flops_per_token(mc, w) * tokens_of[w] for w in run.batches.widths}
+  logging.info("peak %.3g FLOP/s (%s); %.3g model FLOPs per full-width step", peak, peak_src,
+               flops_of[max(flops_of)])
   evaluator = make_evaluator(run)
   eval_every = int(config.get("eval", {}).get("every_steps", 0)) if evaluator else 0
   ck_every = int(ck_cfg.get("every_steps", 0))
@@ -191,28 +212,31 @@ def train(config: ConfigDict, workdir: str | None = None,
 
   preempt = _Preemption()
   last_logged, t_last = start, time.perf_counter()
+  win_tokens = win_flops = 0
   try:
     for step, batch in loader.prefetch(run.batches, start, tc.steps):
       state, metrics = step_fn(state, batch)
       done = step + 1
+      width = batch["inputs"].shape[1]
+      win_tokens, win_flops = win_tokens + tokens_of[width], win_flops + flops_of[width]
       if done == start + 1 or done % tc.log_every == 0 or done == tc.steps:
         m = to_host(metrics)  # the only host sync: at log steps
         now = time.perf_counter()
-        step_time = (now - t_last) / (done - last_logged)
+        window = now - t_last
+        step_time = window / (done - last_logged)
         check_finite(done, int(m["skipped"]))
         rec = {"step": done, "loss": float(m["loss"]), "hr@10": float(m["hr@10"]),
                "grad_norm": float(m["grad_norm"]), "step_time_s": step_time,
-               "tokens_per_s": tokens_per_step / step_time,
-               "mfu": flops_per_step / step_time / peak}
+               "tokens_per_s": win_tokens / window, "mfu": win_flops / window / peak}
         eta = (now - t0) / (done - start) * (tc.steps - done)
         logging.info("step %d/%d | loss %.4f | hr@10 %.3f | %.3fs/step | %s tok/s | MFU %.2f%% | ETA %ds",
                      done, tc.steps, rec["loss"], rec["hr@10"], step_time,
                      f"{rec['tokens_per_s']:,.0f}", 100 * rec["mfu"], eta)
         log(rec)
-        last_logged, t_last = done, time.perf_counter()
+        last_logged, t_last, win_tokens, win_flops = done, time.perf_counter(), 0, 0
       if evaluator and eval_every and done % eval_every == 0 and done != tc.steps:
         evaluate(done, ["val"])
-        t_last = time.perf_counter()
+        t_last, win_tokens, win_flops = time.perf_counter(), 0, 0
       if ckpt and ck_every and done % ck_every == 0:
         save(done, int(to_host(state.skipped)))
       if preempt.agreed():
