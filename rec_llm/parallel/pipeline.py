@@ -1,0 +1,206 @@
+"""Pipeline parallelism over the 'stage' mesh axis (GPipe / 1F1B), composed with data and tensor.
+
+Knows no model: it runs three functions on pytrees,
+
+  first(shared, mb) -> x           (stage 0: e.g. the embedding)
+  layer(layer_params, x, mb) -> x  (one of the stacked blocks)
+  last(shared, x, mb) -> (loss_sum, aux_sums)   (last stage: e.g. the head and loss)
+
+where `mb` is a microbatch of the batch dict, `layers` holds the blocks stacked on a leading
+[L, ...] dim (the canonical layout, so checkpoints do not depend on the pipeline) and
+`shared` holds everything else.
+
+Design (why):
+- One `jax.shard_map` manual over the batch ('data') and stage ('pipe') axes, auto over
+  'tensor'. Manual over stages: the schedule is explicit (ppermute between neighbours,
+  per-stage control flow). Manual over data: each replica accumulates its gradients over
+  all microbatches locally and they are all-reduced once per step; under GSPMD the
+  reduction would be inserted inside the loop, once per microbatch. 'tensor' stays with
+  GSPMD, so the Megatron sharding of the blocks and the vocab-parallel head are reused
+  as they are.
+- Each stage gathers its own blocks into [max_stage_layers, ...] slots and scans over them
+  with `lax.cond(slot < its count)`: a stage with fewer blocks skips the missing ones at run
+  time (forward and backward) instead of computing and discarding them.
+- The schedule is a static tick table (rec_llm/parallel/schedules.py). At every tick each
+  stage runs at most one op: a forward (`jax.vjp` of the stage, its residuals stored in a ring
+  buffer of `in_flight` slots) or a backward (the stored vjp applied to the gradient from the
+  next stage). GPipe's table needs M slots, 1F1B's at most P: that is the memory difference.
+  Every tick ends with two ppermutes (activations forward, gradients backward).
+- The embedding runs only on stage 0 and the head only on the last stage (`lax.cond` on the
+  stage index); the head is rematerialised in its backward so its [mb, seq, vocab/tensor]
+  logits are never stored per microbatch.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from rec_llm.parallel import schedules, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class StageFns:
+  first: Callable[[Any, Any], jax.Array]
+  layer: Callable[[Any, jax.Array, Any], jax.Array]
+  last: Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def stage_sizes(num_layers: int, stages: int, stage_layers=()) -> tuple[int, ...]:
+  """Blocks per stage: `stage_layers` if given, else as even as possible (earlier stages +1)."""
+  if stage_layers:
+    return tuple(int(n) for n in stage_layers)
+  q, r = divmod(num_layers, stages)
+  return tuple(q + (s < r) for s in range(stages))
+
+
+def stage_plan(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(counts [P], index [P, S] of canonical layer per slot, inverse [L] of flat slot per layer)."""
+  width = max(sizes)
+  index = np.zeros((len(sizes), width), np.int32)  # padded slots point at layer 0; never run
+  inverse, start = [], 0
+  for s, n in enumerate(sizes):
+    index[s, :n] = np.arange(start, start + n)
+    inverse += [s * width + j for j in range(n)]
+    start += n
+  return np.asarray(sizes, np.int32), index, np.asarray(inverse, np.int32)
+
+
+def _tree_zeros(shapes):
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+
+def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array, *, mesh: Mesh,
+                   schedule: str, microbatches: int, stage_layers: tuple[int, ...],
+                   remat: bool = False):
+  """Pipelined loss and gradients.
+
+  Args:
+    fns: the stage functions.
+    layers, shared: parameters (see the module docstring); `layers` leaves are [L, ...].
+    batch: dict of [batch, ...] arrays sharded over the batch axis.
+    scale: a replicated scalar; the loss is scale * sum of `last`'s loss_sum over the batch.
+    mesh: the mesh; the stage axis must have len(stage_layers) devices.
+    schedule: 'gpipe' or '1f1b'.
+    microbatches: microbatches per data replica (must divide its rows).
+    stage_layers: blocks per stage (sum L, each >= 1).
+    remat: recompute each block's activations in the backward.
+
+  Returns:
+    (loss, aux_sums), (grad_layers, grad_shared), all replicated over data and stages.
+  """
+  baxis, paxis = sharding.mesh_axis("batch"), sharding.mesh_axis("stage")
+  nstages, m = mesh.shape[paxis], microbatches
+  counts, index, inverse = stage_plan(tuple(stage_layers))
+  if len(counts) != nstages:
+    raise ValueError(f"{len(counts)} stage sizes for {nstages} stages")
+  sched = schedules.build(schedule, nstages, m)
+  ops, mbs = jnp.asarray(sched.op), jnp.asarray(sched.mb)
+  k_res, k_act, k_grad = sched.in_flight, sched.act_slots, sched.grad_slots
+  layer_fn = jax.checkpoint(fns.layer) if remat else fns.layer
+  last_fn = jax.checkpoint(fns.last)  # see the module docstring
+  fwd_pairs = [(s, s + 1) for s in range(nstages - 1)]
+  bwd_pairs = [(s + 1, s) for s in range(nstages - 1)]
+
+  def body(layers, shared, batch, scale):
+    stage = lax.axis_index(paxis)
+    is_first, is_last = stage == 0, stage == nstages - 1
+    count = jnp.asarray(counts)[stage]
+    mbatch = jax.tree.map(lambda a: a.reshape((m, a.shape[0] // m) + a.shape[1:]), batch)
+    sp = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
+
+    def run_stage(sp, sh, x_in, mb):
+      x = lax.cond(is_first, lambda: fns.first(sh, mb), lambda: x_in)
+
+      def slot(x, args):
+        j, p = args
+        return lax.cond(j < count, lambda: layer_fn(p, x, mb), lambda: x), None
+
+      y, _ = lax.scan(slot, x, (jnp.arange(index.shape[1]), sp))
+      loss_shape = jax.eval_shape(last_fn, sh, y, mb)
+      loss, aux = lax.cond(is_last, lambda: last_fn(sh, y, mb),
+                           lambda: _tree_zeros(loss_shape))
+      return (y, loss), aux
+
+    mb0 = jax.tree.map(lambda a: a[0], mbatch)
+    x_shape = jax.eval_shape(fns.first, shared, mb0)
+
+    def forward(mb, x_in):
+      return jax.vjp(lambda sp_, sh_, x_: run_stage(sp_, sh_, x_, mb), sp, shared, x_in,
+                     has_aux=True)
+
+    def res_shapes():
+      _, vjp_fn, aux = forward(mb0, jnp.zeros(x_shape.shape, x_shape.dtype))
+      return jax.tree.leaves(vjp_fn), aux
+    res_shape, aux_shape = jax.eval_shape(res_shapes)
+    act = lambda k: jnp.zeros((k,) + x_shape.shape, x_shape.dtype)
+    carry = dict(
+        res=[jnp.zeros((k_res,) + r.shape, r.dtype) for r in res_shape],
+        act=act(k_act), grad=act(k_grad),
+        g_sp=jax.tree.map(jnp.zeros_like, sp), g_sh=jax.tree.map(jnp.zeros_like, shared),
+        loss=jnp.zeros((), jnp.float32), aux=_tree_zeros(aux_shape))
+    treedef = []
+
+    def tick(c, row):
+      op_row, mb_row = row
+      op, i = op_row[stage], mb_row[stage]
+      mb = jax.tree.map(lambda a: a[i], mbatch)
+
+      def do_fwd(c):
+        (y, loss), vjp_fn, aux = forward(mb, c["act"][i % k_act])
+        leaves, tdef = jax.tree.flatten(vjp_fn)
+        treedef[:] = [tdef]
+        res = [b.at[i % k_res].set(l) for b, l in zip(c["res"], leaves)]
+        aux = jax.tree.map(jnp.add, c["aux"], aux)
+        return res, y, c["loss"] + loss * scale, aux
+
+      c["res"], y, c["loss"], c["aux"] = lax.cond(
+          op == schedules.FWD, do_fwd,
+          lambda c: (c["res"], jnp.zeros(x_shape.shape, x_shape.dtype), c["loss"], c["aux"]), c)
+
+      def do_bwd(c):
+        vjp_fn = jax.tree.unflatten(treedef[0], [b[i % k_res] for b in c["res"]])
+        dy = jnp.where(is_last, 0.0, c["grad"][i % k_grad]).astype(x_shape.dtype)
+        g_sp, g_sh, dx = vjp_fn((dy, scale))
+        return (jax.tree.map(jnp.add, c["g_sp"], g_sp), jax.tree.map(jnp.add, c["g_sh"], g_sh),
+                dx)
+
+      c["g_sp"], c["g_sh"], dx = lax.cond(
+          op == schedules.BWD, do_bwd,
+          lambda c: (c["g_sp"], c["g_sh"], jnp.zeros(x_shape.shape, x_shape.dtype)), c)
+      # Lock-step neighbours: every stage sends every tick (zeros when it had nothing).
+      recv_y = lax.ppermute(y, paxis, fwd_pairs)
+      recv_dx = lax.ppermute(dx, paxis, bwd_pairs)
+      prev = jnp.maximum(stage - 1, 0)
+      nxt = jnp.minimum(stage + 1, nstages - 1)
+      got_y = (stage > 0) & (op_row[prev] == schedules.FWD)
+      got_dx = (stage < nstages - 1) & (op_row[nxt] == schedules.BWD)
+      ya, dxa = mb_row[prev] % k_act, mb_row[nxt] % k_grad
+      c["act"] = c["act"].at[ya].set(jnp.where(got_y, recv_y, c["act"][ya]))
+      c["grad"] = c["grad"].at[dxa].set(jnp.where(got_dx, recv_dx, c["grad"][dxa]))
+      return c, None
+
+    c, _ = lax.scan(tick, carry, (ops, mbs))
+    # One data-parallel reduction per step, then shared params (used by the first and last
+    # stages) summed over stages, and each stage's blocks gathered into [L, ...] order.
+    g_sp, g_sh = lax.psum((c["g_sp"], c["g_sh"]), baxis)
+    g_sh = lax.psum(g_sh, paxis)
+    g_layers = jax.tree.map(
+        lambda g: jnp.take(lax.all_gather(g, paxis, tiled=True), jnp.asarray(inverse), axis=0),
+        g_sp)
+    loss, aux = lax.psum((c["loss"], c["aux"]), (baxis, paxis))
+    return (loss, aux), (g_layers, g_sh)
+
+  def manual_body(*args):
+    with sharding.manual((baxis, paxis)):
+      return body(*args)
+
+  batch_spec = jax.tree.map(lambda _: P(baxis), batch)
+  return jax.shard_map(
+      manual_body, mesh=mesh, in_specs=(P(), P(), batch_spec, P()),
+      out_specs=((P(), P()), (P(), P())), axis_names={baxis, paxis},
+      check_vma=False)(layers, shared, batch, scale)
