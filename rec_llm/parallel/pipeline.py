@@ -27,8 +27,11 @@ Design (why):
   next stage). GPipe's table needs M slots, 1F1B's at most P: that is the memory difference.
   Every tick ends with two ppermutes (activations forward, gradients backward).
 - The embedding runs only on stage 0 and the head only on the last stage (`lax.cond` on the
-  stage index); the head is rematerialised in its backward so its [mb, seq, vocab/tensor]
-  logits are never stored per microbatch.
+  stage index). The last stage runs the head's forward and backward in the same tick, so
+  its [mb, seq, vocab/tensor] logits are never stored per microbatch; the gradient it
+  yields waits in the stage's gradient slots for the blocks' backward.
+- Stored per in-flight microbatch: the stage's vjp residuals, which include each slot's
+  weights as the scan sliced them (a copy per microbatch; an inefficiency, not a bug).
 """
 
 import dataclasses
@@ -74,6 +77,22 @@ def _tree_zeros(shapes):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
+def _run_stage(fns: StageFns, layer_fn, sp, shared, x_in, mb, stage, count):
+  """Stage `stage`'s forward: the embedding if it is the first, then its `count` real blocks.
+
+  The slots past `count` (padding up to the longest stage) are skipped by `lax.cond` at run
+  time, so a short stage does no work, forward or backward, for blocks it does not have.
+  """
+  x = lax.cond(stage == 0, lambda: fns.first(shared, mb), lambda: x_in)
+  width = jax.tree.leaves(sp)[0].shape[0]
+
+  def slot(x, args):
+    j, p = args
+    return lax.cond(j < count, lambda: layer_fn(p, x, mb), lambda: x), None
+
+  return lax.scan(slot, x, (jnp.arange(width), sp))[0]
+
+
 def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array, *, mesh: Mesh,
                    schedule: str, microbatches: int, stage_layers: tuple[int, ...],
                    remat: bool = False):
@@ -102,48 +121,41 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
   ops, mbs = jnp.asarray(sched.op), jnp.asarray(sched.mb)
   k_res, k_act, k_grad = sched.in_flight, sched.act_slots, sched.grad_slots
   layer_fn = jax.checkpoint(fns.layer) if remat else fns.layer
-  last_fn = jax.checkpoint(fns.last)  # see the module docstring
+  head_vg = jax.value_and_grad(fns.last, argnums=(0, 1), has_aux=True)
   fwd_pairs = [(s, s + 1) for s in range(nstages - 1)]
   bwd_pairs = [(s + 1, s) for s in range(nstages - 1)]
 
   def body(layers, shared, batch, scale):
     stage = lax.axis_index(paxis)
     is_first, is_last = stage == 0, stage == nstages - 1
-    count = jnp.asarray(counts)[stage]
     mbatch = jax.tree.map(lambda a: a.reshape((m, a.shape[0] // m) + a.shape[1:]), batch)
     sp = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
-
-    def run_stage(sp, sh, x_in, mb):
-      x = lax.cond(is_first, lambda: fns.first(sh, mb), lambda: x_in)
-
-      def slot(x, args):
-        j, p = args
-        return lax.cond(j < count, lambda: layer_fn(p, x, mb), lambda: x), None
-
-      y, _ = lax.scan(slot, x, (jnp.arange(index.shape[1]), sp))
-      loss_shape = jax.eval_shape(last_fn, sh, y, mb)
-      loss, aux = lax.cond(is_last, lambda: last_fn(sh, y, mb),
-                           lambda: _tree_zeros(loss_shape))
-      return (y, loss), aux
-
     mb0 = jax.tree.map(lambda a: a[0], mbatch)
     x_shape = jax.eval_shape(fns.first, shared, mb0)
+    zeros_x = lambda: jnp.zeros(x_shape.shape, x_shape.dtype)
+    head_shape = jax.eval_shape(head_vg, shared, zeros_x(), mb0)
 
     def forward(mb, x_in):
-      return jax.vjp(lambda sp_, sh_, x_: run_stage(sp_, sh_, x_, mb), sp, shared, x_in,
-                     has_aux=True)
+      """This stage's blocks (after the embedding on stage 0) and their vjp."""
+      return jax.vjp(lambda sp_, sh_, x_: _run_stage(fns, layer_fn, sp_, sh_, x_, mb, stage,
+                                                      jnp.asarray(counts)[stage]),
+                     sp, shared, x_in)
+
+    treedef = []
 
     def res_shapes():
-      _, vjp_fn, aux = forward(mb0, jnp.zeros(x_shape.shape, x_shape.dtype))
-      return jax.tree.leaves(vjp_fn), aux
-    res_shape, aux_shape = jax.eval_shape(res_shapes)
-    act = lambda k: jnp.zeros((k,) + x_shape.shape, x_shape.dtype)
+      leaves, tdef = jax.tree.flatten(forward(mb0, zeros_x())[1])
+      treedef.append(tdef)
+      return leaves
+    res_shape = jax.eval_shape(res_shapes)
+
+    k_grad = max(sched.grad_slots, sched.in_flight)  # the last stage parks its head gradients
     carry = dict(
         res=[jnp.zeros((k_res,) + r.shape, r.dtype) for r in res_shape],
-        act=act(k_act), grad=act(k_grad),
+        act=jnp.zeros((k_act,) + x_shape.shape, x_shape.dtype),
+        grad=jnp.zeros((k_grad,) + x_shape.shape, x_shape.dtype),
         g_sp=jax.tree.map(jnp.zeros_like, sp), g_sh=jax.tree.map(jnp.zeros_like, shared),
-        loss=jnp.zeros((), jnp.float32), aux=_tree_zeros(aux_shape))
-    treedef = []
+        loss=jnp.zeros((), jnp.float32), aux=_tree_zeros(head_shape[0][1]))
 
     def tick(c, row):
       op_row, mb_row = row
@@ -151,27 +163,30 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
       mb = jax.tree.map(lambda a: a[i], mbatch)
 
       def do_fwd(c):
-        (y, loss), vjp_fn, aux = forward(mb, c["act"][i % k_act])
-        leaves, tdef = jax.tree.flatten(vjp_fn)
-        treedef[:] = [tdef]
-        res = [b.at[i % k_res].set(l) for b, l in zip(c["res"], leaves)]
-        aux = jax.tree.map(jnp.add, c["aux"], aux)
-        return res, y, c["loss"] + loss * scale, aux
+        y, vjp_fn = forward(mb, c["act"][i % k_act])
+        res = [b.at[i % k_res].set(r) for b, r in zip(c["res"], jax.tree.leaves(vjp_fn))]
+        # The last stage runs the head forward and backward at once: its gradient waits in
+        # the stage's own (otherwise unused) gradient slots for the blocks' backward.
+        (loss, aux), (g_sh, dy) = lax.cond(
+            is_last, lambda: head_vg(shared, y, mb), lambda: _tree_zeros(head_shape))
+        grad = c["grad"].at[i % k_grad].set(
+            jnp.where(is_last, (dy * scale).astype(dy.dtype), c["grad"][i % k_grad]))
+        g_sh = jax.tree.map(lambda a, g: a + g * scale, c["g_sh"], g_sh)
+        return (res, grad, g_sh, y, c["loss"] + loss * scale,
+                jax.tree.map(jnp.add, c["aux"], aux))
 
-      c["res"], y, c["loss"], c["aux"] = lax.cond(
+      c["res"], c["grad"], c["g_sh"], y, c["loss"], c["aux"] = lax.cond(
           op == schedules.FWD, do_fwd,
-          lambda c: (c["res"], jnp.zeros(x_shape.shape, x_shape.dtype), c["loss"], c["aux"]), c)
+          lambda c: (c["res"], c["grad"], c["g_sh"], zeros_x(), c["loss"], c["aux"]), c)
 
       def do_bwd(c):
         vjp_fn = jax.tree.unflatten(treedef[0], [b[i % k_res] for b in c["res"]])
-        dy = jnp.where(is_last, 0.0, c["grad"][i % k_grad]).astype(x_shape.dtype)
-        g_sp, g_sh, dx = vjp_fn((dy, scale))
+        g_sp, g_sh, dx = vjp_fn(c["grad"][i % k_grad])
         return (jax.tree.map(jnp.add, c["g_sp"], g_sp), jax.tree.map(jnp.add, c["g_sh"], g_sh),
                 dx)
 
       c["g_sp"], c["g_sh"], dx = lax.cond(
-          op == schedules.BWD, do_bwd,
-          lambda c: (c["g_sp"], c["g_sh"], jnp.zeros(x_shape.shape, x_shape.dtype)), c)
+          op == schedules.BWD, do_bwd, lambda c: (c["g_sp"], c["g_sh"], zeros_x()), c)
       # Lock-step neighbours: every stage sends every tick (zeros when it had nothing).
       recv_y = lax.ppermute(y, paxis, fwd_pairs)
       recv_dx = lax.ppermute(dx, paxis, bwd_pairs)
