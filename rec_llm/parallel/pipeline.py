@@ -73,6 +73,15 @@ def stage_plan(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarr
   return np.asarray(sizes, np.int32), index, np.asarray(inverse, np.int32)
 
 
+def _unpad(stacked, counts):
+  """[P * width, ...] stage-major slots -> [L, ...] real layers, by static slices (a gather
+  with an index array would make GSPMD replicate the tensor-sharded dims)."""
+  width = stacked.shape[0] // len(counts)
+  if all(n == width for n in counts):
+    return stacked
+  return jnp.concatenate([stacked[s * width: s * width + n] for s, n in enumerate(counts)])
+
+
 def _tree_zeros(shapes):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
@@ -114,7 +123,7 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
   """
   baxis, paxis = sharding.mesh_axis("batch"), sharding.mesh_axis("stage")
   nstages, m = mesh.shape[paxis], microbatches
-  counts, index, inverse = stage_plan(tuple(stage_layers))
+  counts, index, _ = stage_plan(tuple(stage_layers))
   if len(counts) != nstages:
     raise ValueError(f"{len(counts)} stage sizes for {nstages} stages")
   sched = schedules.build(schedule, nstages, m)
@@ -200,22 +209,23 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
       return c, None
 
     c, _ = lax.scan(tick, carry, (ops, mbs))
-    # One data-parallel reduction per step, then shared params (used by the first and last
-    # stages) summed over stages, and each stage's blocks gathered into [L, ...] order.
+    # One data-parallel reduction per step, then the shared params (used by the first and
+    # last stages) summed over stages.
     g_sp, g_sh = lax.psum((c["g_sp"], c["g_sh"]), baxis)
     g_sh = lax.psum(g_sh, paxis)
-    g_layers = jax.tree.map(
-        lambda g: jnp.take(lax.all_gather(g, paxis, tiled=True), jnp.asarray(inverse), axis=0),
-        g_sp)
     loss, aux = lax.psum((c["loss"], c["aux"]), (baxis, paxis))
-    return (loss, aux), (g_layers, g_sh)
+    return (loss, aux), (g_sp, g_sh)
 
   def manual_body(*args):
     with sharding.manual((baxis, paxis)):
       return body(*args)
 
   batch_spec = jax.tree.map(lambda _: P(baxis), batch)
-  return jax.shard_map(
+  # The stage-major block gradients leave the shard_map split over stages; GSPMD gathers
+  # them into the replicated [L, ...] layout while keeping their tensor sharding (a manual
+  # all_gather inside would first replicate them over 'tensor').
+  (loss, aux), (g_slots, g_shared) = jax.shard_map(
       manual_body, mesh=mesh, in_specs=(P(), P(), batch_spec, P()),
-      out_specs=((P(), P()), (P(), P())), axis_names={baxis, paxis},
+      out_specs=((P(), P()), (P(paxis), P())), axis_names={baxis, paxis},
       check_vma=False)(layers, shared, batch, scale)
+  return (loss, aux), (jax.tree.map(lambda g: _unpad(g, counts), g_slots), g_shared)
