@@ -229,3 +229,39 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
       out_specs=((P(), P()), (P(paxis), P())), axis_names={baxis, paxis},
       check_vma=False)(layers, shared, batch, scale)
   return (loss, aux), (jax.tree.map(lambda g: _unpad(g, counts), g_slots), g_shared)
+
+
+def measure_stage_times(fns: StageFns, layers, shared, mb, stage_layers: tuple[int, ...],
+                        remat: bool = False, repeats: int = 5) -> list[float]:
+  """Seconds for each stage's forward + backward of one microbatch (median of `repeats`).
+
+  Runs the same stage code as the pipeline (embedding on stage 0, the skipped padding slots,
+  the head on the last stage) on one device, so the numbers show what a stage costs.
+  """
+  import time
+  counts, index, _ = stage_plan(tuple(stage_layers))
+  nstages = len(counts)
+  layer_fn = jax.checkpoint(fns.layer) if remat else fns.layer
+  x0 = jax.eval_shape(fns.first, shared, mb)
+
+  @jax.jit
+  def fwd_bwd(layers, shared, stage):
+    sp = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
+
+    def f(sp, shared):
+      y = _run_stage(fns, layer_fn, sp, shared, jnp.zeros(x0.shape, x0.dtype), mb, stage,
+                     jnp.asarray(counts)[stage])
+      return lax.cond(stage == nstages - 1, lambda: fns.last(shared, y, mb)[0].astype(jnp.float32),
+                      lambda: y.sum().astype(jnp.float32))
+    return jax.grad(f, argnums=(0, 1))(sp, shared)
+
+  times = []
+  for s in range(nstages):
+    jax.block_until_ready(fwd_bwd(layers, shared, s))  # compile / warm up
+    runs = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      jax.block_until_ready(fwd_bwd(layers, shared, s))
+      runs.append(time.perf_counter() - t)
+    times.append(float(np.median(runs)))
+  return times

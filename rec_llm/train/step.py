@@ -47,6 +47,20 @@ def head_sums(hidden, table, targets, num_valid: int):
   return jnp.where(mask, nll, 0.0).sum(), ((rank < 10) & mask).sum(), mask.sum()
 
 
+def stage_fns(cfg: ModelConfig, num_valid: int) -> pipeline.StageFns:
+  """The model and this loss cut into pipeline stages: embedding, one block, norm + loss."""
+
+  def last(shared, x, mb):
+    hidden, table = seq_transformer.final_norm(cfg, shared, x)
+    nll_sum, hits, targets = head_sums(hidden, table, mb["targets"], num_valid)
+    return nll_sum, {"hits": hits.astype(jnp.float32), "targets": targets.astype(jnp.float32)}
+
+  return pipeline.StageFns(
+      first=lambda shared, mb: seq_transformer.embed(cfg, shared, mb["inputs"]),
+      layer=lambda p, x, mb: seq_transformer.block(cfg, p, x, mb["inputs"]),
+      last=last)
+
+
 def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: Mesh,
                                   pipe_cfg: dict):
   """`jax.value_and_grad(loss_fn, has_aux=True)` for mesh.pipe > 1, run as a pipeline.
@@ -55,15 +69,7 @@ def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: 
   runs on the first stage and the final norm + vocab-parallel loss on the last.
   """
   cfg = model_cfg
-
-  def last(shared, x, mb):
-    hidden, table = seq_transformer.final_norm(cfg, shared, x)
-    nll_sum, hits, targets = head_sums(hidden, table, mb["targets"], num_valid)
-    return nll_sum, {"hits": hits.astype(jnp.float32), "targets": targets.astype(jnp.float32)}
-
-  fns = pipeline.StageFns(first=lambda shared, mb: seq_transformer.embed(cfg, shared, mb["inputs"]),
-                          layer=lambda p, x, mb: seq_transformer.block(cfg, p, x, mb["inputs"]),
-                          last=last)
+  fns = stage_fns(cfg, num_valid)
   sizes = pipeline.stage_sizes(cfg.num_layers, mesh.shape[sharding.mesh_axis("stage")],
                                tuple(pipe_cfg.get("stage_layers", ())))
 
