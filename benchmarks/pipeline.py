@@ -2,7 +2,7 @@ r"""Pipeline schedules x meshes on 8 virtual devices: step time, peak memory, co
 (measured from the compiled HLO vs the analytic formulas) and bubble fraction, in JSON.
 
   python -m benchmarks.pipeline [--meshes=4x1x2,2x2x2,2x1x4,1x2x4] [--schedules=gpipe,1f1b] \
-      [--stage_layers=] [--steps=3] [--out=benchmarks/results/pipeline.json]
+      [--stage_layers=1,3,3,1] [--steps=3] [--out=benchmarks/results/pipeline.json]
 
 Model: experiments/configs/default.py with 8 blocks; microbatches = 2 * pipe (the regime
 where 1F1B must need less memory than GPipe). Bytes are payload bytes per device per
@@ -29,7 +29,8 @@ from rec_llm.train import trainer
 
 _MESHES = flags.DEFINE_list("meshes", ["4x1x2", "2x2x2", "2x1x4", "1x2x4"], "data x tensor x pipe.")
 _SCHEDULES = flags.DEFINE_list("schedules", ["gpipe", "1f1b"], "Schedules.")
-_STAGE_LAYERS = flags.DEFINE_list("stage_layers", [], "Blocks per stage for pipe=4 (empty: even).")
+_STAGE_LAYERS = flags.DEFINE_list("stage_layers", ["1", "3", "3", "1"],
+                                  "Also run these blocks per stage on meshes with as many stages.")
 _LAYERS = flags.DEFINE_integer("layers", 8, "model.num_layers.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (median reported).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/pipeline.json", "Output JSON path.")
@@ -125,9 +126,10 @@ def main(argv):
   rows = []
   for spec in _MESHES.value:
     shape = tuple(int(x) for x in spec.split("x"))
-    for schedule in _SCHEDULES.value:
-      sl = [int(x) for x in _STAGE_LAYERS.value]
-      row, run, sizes = run_one(shape, schedule, sl)
+    sl = [int(x) for x in _STAGE_LAYERS.value]
+    for partition, schedule in [(p, s) for p in [[]] + ([sl] if len(sl) == shape[2] else [])
+                                for s in _SCHEDULES.value]:
+      row, run, sizes = run_one(shape, schedule, partition)
       if schedule == _SCHEDULES.value[-1]:
         t = stage_times(run, sizes)
         sched = schedules.build(schedule, shape[2], row["microbatches"])
