@@ -48,8 +48,8 @@ def analytic_bytes(mc, batch, data, tensor, pipe, micro, width, remat):
       # one all-reduce of the stage's gradient slots and the shared gradients, + the count
       "data": (b * (width * block + shared) + 4) if data > 1 else 0,
       # activations forward + gradients backward every tick; shared grads summed over
-      # stages; params, Adam mu and nu gathered after GSPMD's stage-sharded optimizer update
-      "pipe": 2 * ticks * act + b * shared + 3 * b * mc.num_layers * block,
+      # stages; the stage-major gradient slots (P x W, padding included) gathered once
+      "pipe": 2 * ticks * act + b * shared + b * pipe * width * block,
       # per tick, as if both branches ran: forward = embedding psum + 2 per block slot +
       # head dh psum; backward = 4 per block slot (+2 with remat); head statistics 4 x [rows, s]
       "tensor": (ticks * (act * (2 + (6 + 2 * remat) * width) + 4 * rows * s * 4)
@@ -82,6 +82,7 @@ def run_one(shape, schedule, stage_layers):
     state, m = compiled(state, bt)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
+  run.state = state  # the step donates its input state
   measured = hlo_stats.collective_bytes(compiled.as_text(), dict(run.mesh.shape))
   mc = run.model_cfg
   sizes = pipeline.stage_sizes(mc.num_layers, pipe, sizes)
@@ -154,7 +155,7 @@ def main(argv):
       "benchmark": "pipeline", "model": {**default.get_config().model.to_dict(), "num_layers": _LAYERS.value},
       "formulas": {
           "data": "4*(W*blk + sh) + 4 bytes: one all-reduce of stage grads + shared grads + count",
-          "pipe": "2*T*A (collective-permute) + 4*sh (all-reduce) + 3*4*L*blk (all-gather)",
+          "pipe": "2*T*A (collective-permute) + 4*sh (all-reduce) + 4*P*W*blk (all-gather)",
           "tensor": "T*(A*(2 + 6W + 2W*remat) + 16*r*S) (all-reduce; per-tick branches counted as taken)",
           "where": "A = r*S*d*4 with r = batch/(data*M) rows per microbatch; T = 2(M+P-1) ticks; "
                    "W = max blocks per stage; blk = (4dh + 2df + 2h + f)/t + 6d; "

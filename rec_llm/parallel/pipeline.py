@@ -104,7 +104,7 @@ def _run_stage(fns: StageFns, layer_fn, sp, shared, x_in, mb, stage, count):
 
 def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array, *, mesh: Mesh,
                    schedule: str, microbatches: int, stage_layers: tuple[int, ...],
-                   remat: bool = False):
+                   remat: bool = False, layer_shardings=None):
   """Pipelined loss and gradients.
 
   Args:
@@ -117,6 +117,7 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
     microbatches: microbatches per data replica (must divide its rows).
     stage_layers: blocks per stage (sum L, each >= 1).
     remat: recompute each block's activations in the backward.
+    layer_shardings: optional shardings of `layers` (a pytree like it) for its gradients.
 
   Returns:
     (loss, aux_sums), (grad_layers, grad_shared), all replicated over data and stages.
@@ -228,7 +229,14 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
       manual_body, mesh=mesh, in_specs=(P(), P(), batch_spec, P()),
       out_specs=((P(), P()), (P(paxis), P())), axis_names={baxis, paxis},
       check_vma=False)(layers, shared, batch, scale)
-  return (loss, aux), (jax.tree.map(lambda g: _unpad(g, counts), g_slots), g_shared)
+  if layer_shardings is not None:
+    # Gather the (padded) gradient slots here, once, into the parameters' layout; left free,
+    # GSPMD runs the optimizer split over stages and gathers params and both Adam moments.
+    g_slots = lax.with_sharding_constraint(g_slots, layer_shardings)
+  g_layers = jax.tree.map(lambda g: _unpad(g, counts), g_slots)
+  if layer_shardings is not None:
+    g_layers = lax.with_sharding_constraint(g_layers, layer_shardings)
+  return (loss, aux), (g_layers, g_shared)
 
 
 def measure_stage_times(fns: StageFns, layers, shared, mb, stage_layers: tuple[int, ...],

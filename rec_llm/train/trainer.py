@@ -70,7 +70,8 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   value_and_grad = None
   if shape[2] > 1:
     value_and_grad = make_pipelined_value_and_grad(
-        mc, mc.num_items + 1, mesh, config_check.pipeline_config(config))
+        mc, mc.num_items + 1, mesh, config_check.pipeline_config(config),
+        param_shardings=state_shardings.params)
   step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
                             inject_nonfinite_steps=tuple(tc.get("inject_nonfinite_steps", ())),
                             value_and_grad=value_and_grad)
