@@ -18,6 +18,11 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=64, vocab_multiple=128,
       dropout_rate=0.0, dtype="float32", remat=False))
+  # Used when mesh.pipe > 1: schedule 'gpipe' | '1f1b'; microbatches per data replica;
+  # stage_layers: blocks per stage, e.g. (1, 3, 3, 1) (empty: as even as possible);
+  # remat: recompute each block's activations in the backward.
+  c.pipeline = ml_collections.ConfigDict(dict(schedule="1f1b", microbatches=4, stage_layers=(),
+                                              remat=False))
   c.data = ml_collections.ConfigDict(dict(name="synthetic", num_items=4096, zipf_a=1.1, p_follow=0.8))
   c.train = ml_collections.ConfigDict(dict(
       steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=30, end_lr_fraction=0.1,

@@ -105,6 +105,17 @@ class Block(nn.Module):
     return x, None
 
 
+def _lookup(cfg: ModelConfig, table, pos, ids):
+  # Positions count back from the latest item, so a short (length-bucketed) window computes
+  # exactly what the same window left-padded to max_len would.
+  return (vocab_parallel.embed_lookup(table, ids) * math.sqrt(cfg.d_model)
+          + pos[cfg.max_len - ids.shape[1]:])
+
+
+def _mask_padding(cfg: ModelConfig, x, valid):
+  return constrain((x * valid[..., None]).astype(jnp.dtype(cfg.dtype)), ("batch", "seq", "embed"))
+
+
 class SeqTransformer(nn.Module):
   """Embedding -> N pre-LN blocks (scanned, stacked on 'layers') -> final norm."""
   cfg: ModelConfig
@@ -117,18 +128,35 @@ class SeqTransformer(nn.Module):
     pos = self.param("pos_embedding", Logical(nn.initializers.normal(0.02), ("seq", "embed")),
                      (cfg.max_len, cfg.d_model))
     valid = ids != 0
-    # Positions count back from the latest item, so a short (length-bucketed) window computes
-    # exactly what the same window left-padded to max_len would.
-    x = (vocab_parallel.embed_lookup(table, ids) * math.sqrt(cfg.d_model)
-         + pos[cfg.max_len - ids.shape[1]:])
-    x = nn.Dropout(cfg.dropout_rate, deterministic=not train)(x)
-    x = constrain((x * valid[..., None]).astype(dt), ("batch", "seq", "embed"))
+    x = _lookup(cfg, table, pos, ids)
+    x = _mask_padding(cfg, nn.Dropout(cfg.dropout_rate, deterministic=not train)(x), valid)
     block = nn.remat(Block) if cfg.remat else Block
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=nn.broadcast, length=cfg.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = stack(cfg, not train, name="blocks")(x, valid)
     return _norm("ln_final", dt)(x), table
+
+
+# The model cut into pieces for a pipeline (no dropout: the pipeline rejects it). They run
+# the same code as SeqTransformer on its parameter tree: `params` is the whole tree, or for
+# `block` one layer's slice of params['blocks'].
+
+def embed(cfg: ModelConfig, params, ids):
+  """ids [batch, seq] -> the input of the first block [batch, seq, embed]."""
+  x = _lookup(cfg, params["item_embedding"], params["pos_embedding"], ids)
+  return _mask_padding(cfg, x, ids != 0)
+
+
+def block(cfg: ModelConfig, layer_params, x, ids):
+  """One block, given its slice of the stacked params['blocks']."""
+  return Block(cfg, deterministic=True).apply({"params": layer_params}, x, ids != 0)[0]
+
+
+def final_norm(cfg: ModelConfig, params, x):
+  """Final hidden states and the item table (scores are tied to it), as SeqTransformer returns."""
+  return (_norm("ln_final", jnp.dtype(cfg.dtype)).apply({"params": params["ln_final"]}, x),
+          params["item_embedding"])
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

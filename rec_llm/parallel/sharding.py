@@ -19,7 +19,8 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),   # item table rows: never replicated
-    ("layers", None),      # stacked blocks; the pipeline maps these onto 'pipe'
+    ("layers", None),      # stacked blocks, canonical [L, ...] layout: replicated
+    ("stage", "pipe"),     # pipeline stages (rec_llm/parallel/pipeline.py)
 )
 
 
@@ -29,6 +30,19 @@ def mesh_axis(logical: str) -> str | None:
     if name == logical:
       return axis
   raise KeyError(f"no sharding rule for logical axis {logical!r}")
+
+
+def local_axis(logical: str) -> str | None:
+  """Like `mesh_axis`, but None where the current (abstract) mesh has made that axis manual.
+
+  Inside a `shard_map` that is manual over an axis, arrays are already local along it, so
+  specs and constraints must not name it again.
+  """
+  axis = mesh_axis(logical)
+  mesh = jax.sharding.get_abstract_mesh()
+  if axis is None or mesh.empty or axis in mesh.manual_axes:
+    return None
+  return axis
 
 
 def logical_to_spec(logical: tuple[str | None, ...]) -> P:
@@ -43,6 +57,14 @@ def tree_shardings(abstract_boxed_tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for a tree of (possibly) logically-partitioned abstract values."""
   specs = nn.get_partition_spec(abstract_boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+@contextlib.contextmanager
+def manual(axes: tuple[str, ...]):
+  """The logical rules inside a shard_map manual over mesh `axes`: those axes become local."""
+  rules = tuple((name, None if axis in axes else axis) for name, axis in LOGICAL_RULES)
+  with nn.logical_axis_rules(rules):
+    yield
 
 
 @contextlib.contextmanager

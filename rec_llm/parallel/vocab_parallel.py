@@ -22,7 +22,8 @@ def _axes():
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
-  return sharding.mesh_axis("vocab"), sharding.mesh_axis("batch")
+  # Axes a surrounding shard_map already made manual (the pipeline's) are local here.
+  return sharding.local_axis("vocab"), sharding.local_axis("batch")
 
 
 def _shard_bounds(table, vaxis):

@@ -6,6 +6,7 @@ from rec_llm.data import sources
 from rec_llm.errors import ConfigError
 from rec_llm.models.seq_transformer import ModelConfig
 from rec_llm.parallel import mesh as mesh_lib
+from rec_llm.parallel import schedules
 
 
 def _positive(cfg: ConfigDict, section: str, *names: str) -> None:
@@ -31,8 +32,6 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
       raise ConfigError(f"config has no '{section}' section; start from experiments/configs/default.py")
   shape = mesh_lib.resolve_mesh_shape(dict(config.mesh), num_devices)
   data, tensor, pipe = shape
-  if pipe != 1:
-    raise ConfigError(f"mesh.pipe={pipe}: pipeline parallelism is not available yet; set mesh.pipe=1")
   _positive(config, "model", "num_layers", "d_model", "num_heads", "mlp_dim", "max_len")
   _positive(config, "train", "steps", "batch_size", "learning_rate", "log_every")
   sources.check_name(config.data.name)
@@ -53,6 +52,7 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
   if not 0.0 <= m.get("dropout_rate", 0.0) < 1.0:
     raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+  check_pipeline(config, data, pipe)
   warmup = config.train.get("warmup_steps", 0)
   if not 0 <= warmup <= config.train.steps:
     raise ConfigError(f"train.warmup_steps={warmup} must be between 0 and train.steps={config.train.steps}")
@@ -69,6 +69,51 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
   if ck is not None and ck.get("every_steps", 0) < 0:
     raise ConfigError(f"checkpoint.every_steps={ck.every_steps} must be >= 0 (0: only at the end)")
   return shape
+
+
+def pipeline_config(config: ConfigDict) -> dict:
+  """The pipeline section with defaults (configs from before it existed have none)."""
+  p = dict(schedule="1f1b", microbatches=1, stage_layers=(), remat=False)
+  p.update(dict(config.get("pipeline", {})))
+  p["stage_layers"] = tuple(p["stage_layers"] or ())
+  return p
+
+
+def check_pipeline(config: ConfigDict, data: int, pipe: int) -> None:
+  p = pipeline_config(config)
+  layers = config.model.num_layers
+  if p["schedule"] not in schedules.SCHEDULES:
+    raise ConfigError(f"pipeline.schedule={p['schedule']!r} is unknown; choose one of "
+                      f"{list(schedules.SCHEDULES)}")
+  mbs = p["microbatches"]
+  if not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1:
+    raise ConfigError(f"pipeline.microbatches={mbs!r} must be a positive integer")
+  if not isinstance(p["remat"], bool):
+    raise ConfigError(f"pipeline.remat={p['remat']!r} must be True or False")
+  sizes = p["stage_layers"]
+  if sizes:
+    if any(not isinstance(n, int) or n < 1 for n in sizes):
+      raise ConfigError(f"pipeline.stage_layers={list(sizes)}: every stage needs a positive "
+                        "integer number of blocks")
+    if len(sizes) != pipe:
+      raise ConfigError(f"pipeline.stage_layers={list(sizes)} has {len(sizes)} stages but "
+                        f"mesh.pipe={pipe}; give one block count per stage")
+    if sum(sizes) != layers:
+      raise ConfigError(f"pipeline.stage_layers={list(sizes)} sums to {sum(sizes)} but "
+                        f"model.num_layers={layers}; make the counts add up to the blocks")
+  if pipe == 1:
+    return
+  if pipe > layers:
+    raise ConfigError(f"mesh.pipe={pipe} stages but model.num_layers={layers} blocks; use at "
+                      f"most {layers} stages (each stage needs a block)")
+  per_replica = config.train.batch_size // data
+  if per_replica % mbs:
+    raise ConfigError(f"pipeline.microbatches={mbs} does not divide the {per_replica} rows per "
+                      f"data replica (train.batch_size={config.train.batch_size} / mesh.data="
+                      f"{data}); pick a divisor of {per_replica}")
+  if config.model.get("dropout_rate", 0.0) > 0:
+    raise ConfigError(f"model.dropout_rate={config.model.dropout_rate} with mesh.pipe={pipe}: "
+                      "the pipeline does not support dropout yet; set model.dropout_rate=0")
 
 
 def check_model(config: ConfigDict, num_items: int, tensor: int) -> ModelConfig:

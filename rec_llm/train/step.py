@@ -8,7 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rec_llm.parallel import vocab_parallel
+from jax.sharding import Mesh
+
+from rec_llm.models import seq_transformer
+from rec_llm.models.seq_transformer import ModelConfig
+from rec_llm.parallel import pipeline, sharding, vocab_parallel
 
 
 @flax.struct.dataclass
@@ -31,25 +35,77 @@ def loss_fn(params, batch, model: nn.Module, num_valid: int, dropout_rng=None):
   train = dropout_rng is not None
   hidden, table = model.apply({"params": params}, batch["inputs"], train=train,
                               rngs={"dropout": dropout_rng} if train else None)
-  nll, rank = vocab_parallel.softmax_xent(hidden, table, batch["targets"], num_valid)
-  mask = batch["targets"] != 0
-  count = jnp.maximum(mask.sum(), 1)
-  loss = jnp.where(mask, nll, 0.0).sum() / count
-  return loss, {"hr@10": ((rank < 10) & mask).sum() / count, "targets": mask.sum()}
+  nll_sum, hits, targets = head_sums(hidden, table, batch["targets"], num_valid)
+  count = jnp.maximum(targets, 1)
+  return nll_sum / count, {"hr@10": hits / count, "targets": targets}
+
+
+def head_sums(hidden, table, targets, num_valid: int):
+  """Sums over the non-padding targets: (negative log-likelihood, hits@10, count)."""
+  nll, rank = vocab_parallel.softmax_xent(hidden, table, targets, num_valid)
+  mask = targets != 0
+  return jnp.where(mask, nll, 0.0).sum(), ((rank < 10) & mask).sum(), mask.sum()
+
+
+def stage_fns(cfg: ModelConfig, num_valid: int) -> pipeline.StageFns:
+  """The model and this loss cut into pipeline stages: embedding, one block, norm + loss."""
+
+  def last(shared, x, mb):
+    hidden, table = seq_transformer.final_norm(cfg, shared, x)
+    nll_sum, hits, targets = head_sums(hidden, table, mb["targets"], num_valid)
+    return nll_sum, {"hits": hits.astype(jnp.float32), "targets": targets.astype(jnp.float32)}
+
+  return pipeline.StageFns(
+      first=lambda shared, mb: seq_transformer.embed(cfg, shared, mb["inputs"]),
+      layer=lambda p, x, mb: seq_transformer.block(cfg, p, x, mb["inputs"]),
+      last=last)
+
+
+def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: Mesh,
+                                  pipe_cfg: dict, param_shardings=None):
+  """`jax.value_and_grad(loss_fn, has_aux=True)` for mesh.pipe > 1, run as a pipeline.
+
+  The blocks (params['blocks'], stacked [L, ...]) are split over the stages; the embedding
+  runs on the first stage and the final norm + vocab-parallel loss on the last.
+  """
+  cfg = model_cfg
+  fns = stage_fns(cfg, num_valid)
+  sizes = pipeline.stage_sizes(cfg.num_layers, mesh.shape[sharding.mesh_axis("stage")],
+                               tuple(pipe_cfg.get("stage_layers", ())))
+
+  def value_and_grad(params, batch, model, num_valid_, dropout_rng=None):
+    del model, num_valid_
+    if dropout_rng is not None:
+      raise ValueError("the pipeline does not support dropout")  # config_check rejects it first
+    shared = {k: v for k, v in params.items() if k != "blocks"}
+    targets = (batch["targets"] != 0).sum()
+    scale = 1.0 / jnp.maximum(targets, 1).astype(jnp.float32)
+    (loss, aux), (g_blocks, g_shared) = pipeline.value_and_grad(
+        fns, params["blocks"], shared, batch, scale, mesh=mesh,
+        schedule=pipe_cfg["schedule"], microbatches=int(pipe_cfg["microbatches"]),
+        stage_layers=sizes, remat=bool(pipe_cfg.get("remat", False)),
+        layer_shardings=None if param_shardings is None else param_shardings["blocks"])
+    count = jnp.maximum(targets, 1)
+    grads = {**g_shared, "blocks": g_blocks}
+    return (loss, {"hr@10": aux["hits"] / count, "targets": targets}), grads
+
+  return value_and_grad
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, num_valid: int,
-                    seed: int, dropout: bool, inject_nonfinite_steps: Sequence[int] = ()):
+                    seed: int, dropout: bool, inject_nonfinite_steps: Sequence[int] = (),
+                    value_and_grad=None):
   """(state, batch) -> (state, metrics). A step whose loss or gradient is not finite leaves
   params and optimizer state untouched and counts in `state.skipped`, so a non-finite value
-  can never reach a checkpoint. `inject_nonfinite_steps` is fault injection for tests."""
+  can never reach a checkpoint. `inject_nonfinite_steps` is fault injection for tests.
+  `value_and_grad` replaces `jax.value_and_grad(loss_fn, has_aux=True)` (the pipeline's)."""
   base_rng = jax.random.PRNGKey(seed)
   inject = jnp.asarray(list(inject_nonfinite_steps) or [-1], jnp.int32)
+  value_and_grad = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step) if dropout else None
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, model, num_valid, rng)
+    (loss, aux), grads = value_and_grad(state.params, batch, model, num_valid, rng)
     poison = jnp.where(jnp.isin(state.step, inject), jnp.nan, 1.0)
     loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
     grad_norm = optax.tree.norm(grads)

@@ -22,7 +22,8 @@ from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import sharding
 from rec_llm.train import checkpoint, config_check, optimizer, throughput
 from rec_llm.train.metric_writer import MetricWriter
-from rec_llm.train.step import TrainState, init_state, make_train_step
+from rec_llm.train.step import (TrainState, init_state, loss_fn,
+                                make_pipelined_value_and_grad, make_train_step)
 
 
 @dataclasses.dataclass
@@ -38,6 +39,8 @@ class Run:
   batches: loader.BatchMaker
   train_step: Any  # jitted (state, batch) -> (state, metrics); donates the state
   state: TrainState | None = None
+  # (params, batch, model, num_valid) -> ((loss, aux), grads): the pipeline's when pipe > 1.
+  value_and_grad: Any = None
 
   def compile(self, state=None) -> "CompiledStep":
     """Ahead-of-time compile for every batch width of this run: no recompiles in the loop."""
@@ -83,12 +86,19 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   # Created directly sharded: no host or device ever holds the whole model.
   init_fn = jax.jit(lambda: nn.meta.unbox(boxed(rng)), out_shardings=state_shardings)
   batches = loader.BatchMaker(source, int(tc.batch_size), mesh)
+  value_and_grad = None
+  if shape[2] > 1:
+    value_and_grad = make_pipelined_value_and_grad(
+        mc, mc.num_items + 1, mesh, config_check.pipeline_config(config),
+        param_shardings=state_shardings.params)
   step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
-                            inject_nonfinite_steps=tuple(tc.get("inject_nonfinite_steps", ())))
+                            inject_nonfinite_steps=tuple(tc.get("inject_nonfinite_steps", ())),
+                            value_and_grad=value_and_grad)
   batch_shardings = {"inputs": batches.sharding, "targets": batches.sharding}
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
-  run = Run(config, mesh, mc, model, source, state_shardings, abstract, init_fn, batches, jitted)
+  run = Run(config, mesh, mc, model, source, state_shardings, abstract, init_fn, batches, jitted,
+            value_and_grad=value_and_grad or jax.value_and_grad(loss_fn, has_aux=True))
   if init:
     run.state = init_fn()
   return run

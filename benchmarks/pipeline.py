@@ -1,0 +1,167 @@
+r"""Pipeline schedules x meshes on 8 virtual devices: step time, peak memory, collective bytes
+(measured from the compiled HLO vs the analytic formulas) and bubble fraction, in JSON.
+
+  python -m benchmarks.pipeline [--meshes=4x1x2,2x2x2,2x1x4,1x2x4] [--schedules=gpipe,1f1b] \
+      [--stage_layers=1,3,3,1] [--steps=3] [--out=benchmarks/results/pipeline.json]
+
+Model: experiments/configs/default.py with 8 blocks; microbatches = 2 * pipe (the regime
+where 1F1B must need less memory than GPipe). Bytes are payload bytes per device per
+step (rec_llm/parallel/hlo_stats.py); collectives inside the per-tick branches are
+counted as if every branch ran every tick, and the formulas count the same way. Step times
+on virtual CPU devices only compare as ratios within one run.
+"""
+
+import os
+import time
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from benchmarks import common
+from experiments.configs import default
+from rec_llm.parallel import hlo_stats, pipeline, schedules
+from rec_llm.train import step as step_lib
+from rec_llm.train import trainer
+
+_MESHES = flags.DEFINE_list("meshes", ["4x1x2", "2x2x2", "2x1x4", "1x2x4"], "data x tensor x pipe.")
+_SCHEDULES = flags.DEFINE_list("schedules", ["gpipe", "1f1b"], "Schedules.")
+_STAGE_LAYERS = flags.DEFINE_list("stage_layers", ["1", "3", "3", "1"],
+                                  "Also run these blocks per stage on meshes with as many stages.")
+_LAYERS = flags.DEFINE_integer("layers", 8, "model.num_layers.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (median reported).")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/pipeline.json", "Output JSON path.")
+
+
+def analytic_bytes(mc, batch, data, tensor, pipe, micro, width, remat):
+  """Payload bytes per device per step, by mesh axis (float32; see README 'Pipeline')."""
+  b, d, f, h, s = 4, mc.d_model, mc.mlp_dim, mc.num_heads * mc.head_dim, mc.max_len
+  rows = batch // (data * micro)                       # rows of one microbatch on one device
+  act = rows * s * d * b                               # one activation [rows, seq, d]
+  ticks = 2 * (micro + pipe - 1)
+  block = (4 * d * h + 2 * d * f + 2 * h + f) / tensor + 6 * d   # local params per block
+  shared = mc.vocab_size * d / tensor + s * d + 2 * d             # table, positions, final LN
+  out = {
+      # one all-reduce of the stage's gradient slots and the shared gradients, + the count
+      "data": (b * (width * block + shared) + 4) if data > 1 else 0,
+      # activations forward + gradients backward every tick; shared grads summed over
+      # stages; the stage-major gradient slots (P x W, padding included) gathered once
+      "pipe": 2 * ticks * act + b * shared + b * pipe * width * block,
+      # per tick, as if both branches ran: forward = embedding psum + 2 per block slot +
+      # head dh psum; backward = 4 per block slot (+2 with remat); head statistics 4 x [rows, s]
+      "tensor": (ticks * (act * (2 + (6 + 2 * remat) * width) + 4 * rows * s * 4)
+                 if tensor > 1 else 0),
+  }
+  return out
+
+
+def run_one(shape, schedule, stage_layers):
+  data, tensor, pipe = shape
+  c = default.get_config()
+  c.mesh.update(data=data, tensor=tensor, pipe=pipe)
+  c.model.num_layers = _LAYERS.value
+  micro = 2 * pipe
+  sizes = tuple(stage_layers) if (stage_layers and len(stage_layers) == pipe) else ()
+  c.pipeline.update(schedule=schedule, microbatches=micro, stage_layers=sizes)
+  c.eval.every_steps = 0
+  run = trainer.build(c)
+  t = time.perf_counter()
+  compiled = run.compile()
+  compile_s = time.perf_counter() - t
+  mem = compiled.memory_analysis()
+  state = run.state
+  batches = [run.batches(i) for i in range(_STEPS.value + 1)]
+  state, m = compiled(state, batches[0])
+  jax.block_until_ready(m)
+  times = []
+  for bt in batches[1:]:
+    t = time.perf_counter()
+    state, m = compiled(state, bt)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  run.state = state  # the step donates its input state
+  measured = hlo_stats.collective_bytes(compiled.as_text(), dict(run.mesh.shape))
+  mc = run.model_cfg
+  sizes = pipeline.stage_sizes(mc.num_layers, pipe, sizes)
+  formula = analytic_bytes(mc, c.train.batch_size, data, tensor, pipe, micro, max(sizes),
+                           bool(c.pipeline.remat))
+  check = {}
+  for axis, want in formula.items():
+    got = measured["by_axis"].get(axis, 0)
+    check[axis] = {"measured": got, "analytic": want,
+                   "rel_err": abs(got - want) / want if want else float(got != 0),
+                   "within_5pct": (abs(got - want) <= 0.05 * want) if want else got == 0}
+  sched = schedules.build(schedule, pipe, micro)
+  return {"mesh": f"{data}x{tensor}x{pipe}", "schedule": schedule, "stage_layers": list(sizes),
+          "microbatches": micro, "compile_s": compile_s,
+          "step_time_s": float(np.median(times)), "loss_after": float(m["loss"]),
+          "memory": {"temp_bytes": mem.temp_size_in_bytes,
+                     "argument_bytes": mem.argument_size_in_bytes,
+                     "output_bytes": mem.output_size_in_bytes,
+                     "alias_bytes": mem.alias_size_in_bytes,
+                     "peak_bytes": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes)},
+          "in_flight_microbatches": sched.in_flight, "ticks": sched.ticks,
+          "bubble_fraction_analytic": schedules.analytic_bubble(pipe, micro),
+          "bubble_fraction_schedule": schedules.bubble_fraction(sched),
+          "collective_bytes": measured, "bytes_check": check}, run, sizes
+
+
+def stage_times(run, sizes):
+  """Per-stage forward+backward seconds on one device, and the bubble they imply."""
+  dev = jax.devices()[0]
+  params = jax.device_put(jax.device_get(run.state.params), dev)
+  batch = jax.device_get(run.batches(0))
+  rows = run.config.train.batch_size // (run.mesh.shape["data"] * run.config.pipeline.microbatches)
+  mb = {k: jax.device_put(v[:rows], dev) for k, v in batch.items()}
+  fns = step_lib.stage_fns(run.model_cfg, run.model_cfg.num_items + 1)
+  shared = {k: v for k, v in params.items() if k != "blocks"}
+  return pipeline.measure_stage_times(fns, params["blocks"], shared, mb, sizes)
+
+
+def main(argv):
+  del argv
+  rows = []
+  for spec in _MESHES.value:
+    shape = tuple(int(x) for x in spec.split("x"))
+    sl = [int(x) for x in _STAGE_LAYERS.value]
+    for partition, schedule in [(p, s) for p in [[]] + ([sl] if len(sl) == shape[2] else [])
+                                for s in _SCHEDULES.value]:
+      row, run, sizes = run_one(shape, schedule, partition)
+      if schedule == _SCHEDULES.value[-1]:
+        t = stage_times(run, sizes)
+        sched = schedules.build(schedule, shape[2], row["microbatches"])
+        row["stage_time_s"] = t
+        row["bubble_fraction_measured_stage_times"] = schedules.bubble_fraction(
+            sched, [x / 3 for x in t], [2 * x / 3 for x in t])
+      rows.append(row)
+      print(f"{row['mesh']} {schedule:5s} stages={row['stage_layers']} "
+            f"{row['step_time_s'] * 1e3:7.1f} ms  temp {row['memory']['temp_bytes'] / 2**20:6.1f} MiB  "
+            f"bubble {row['bubble_fraction_schedule']:.3f}  bytes " +
+            " ".join(f"{a} {v['measured']}/{v['analytic']:.0f}" for a, v in row["bytes_check"].items()),
+            flush=True)
+  mem = {}
+  for r in rows:
+    mem.setdefault((r["mesh"], tuple(r["stage_layers"])), {})[r["schedule"]] = r["memory"]["peak_bytes"]
+  summary = {
+      "1f1b_peak_below_gpipe": {f"{k[0]} {list(k[1])}": v.get("1f1b", 0) < v.get("gpipe", 0)
+                                for k, v in mem.items() if len(v) == 2},
+      "all_bytes_within_5pct": all(c["within_5pct"] for r in rows for c in r["bytes_check"].values())}
+  print(summary)
+  common.write(_OUT.value, {
+      "benchmark": "pipeline", "model": {**default.get_config().model.to_dict(), "num_layers": _LAYERS.value},
+      "formulas": {
+          "data": "4*(W*blk + sh) + 4 bytes: one all-reduce of stage grads + shared grads + count",
+          "pipe": "2*T*A (collective-permute) + 4*sh (all-reduce) + 4*P*W*blk (all-gather)",
+          "tensor": "T*(A*(2 + 6W + 2W*remat) + 16*r*S) (all-reduce; per-tick branches counted as taken)",
+          "where": "A = r*S*d*4 with r = batch/(data*M) rows per microbatch; T = 2(M+P-1) ticks; "
+                   "W = max blocks per stage; blk = (4dh + 2df + 2h + f)/t + 6d; "
+                   "sh = V*d/t + S*d + 2d"},
+      "summary": summary, "rows": rows})
+
+
+if __name__ == "__main__":
+  app.run(main)

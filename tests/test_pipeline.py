@@ -1,0 +1,136 @@
+"""Pipeline parallelism: every (data, tensor, pipe) layout of 8 devices with pipe in {2, 4, 8},
+GPipe and 1F1B, uniform and non-uniform stages, gives the single-device loss and gradients.
+
+Tolerances (float32): loss rtol 1e-5; gradients 1e-5 relative per parameter
+(||g - g_ref|| / ||g_ref||), as in tests/test_equivalence.py. One loss+gradient evaluation
+per layout (the optimizer after it is the unchanged pipe=1 code), to keep compiles few.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from rec_llm.errors import ConfigError
+from rec_llm.parallel import schedules, sharding
+from rec_llm.train import checkpoint, config_check, trainer
+from tests.helpers import tiny_config
+
+LAYERS = 8
+# (data, tensor, pipe, microbatches, non-uniform stage_layers)
+LAYOUTS = [(4, 1, 2, 4, (3, 5)), (2, 2, 2, 4, (5, 3)), (1, 4, 2, 4, (3, 5)),
+           (2, 1, 4, 8, (1, 3, 3, 1)), (1, 2, 4, 8, (1, 3, 3, 1)), (1, 1, 8, 16, None)]
+
+
+def _config(data=1, tensor=1, pipe=1, schedule="1f1b", microbatches=1, stage_layers=()):
+  c = tiny_config(data=data, tensor=tensor, pipe=pipe)
+  c.model.update(num_layers=LAYERS, d_model=32, num_heads=4, mlp_dim=64)
+  c.pipeline.update(schedule=schedule, microbatches=microbatches, stage_layers=stage_layers)
+  return c
+
+
+def _loss_and_grads(config, devices):
+  """(loss, hr@10, grads, compiled) of the run's value_and_grad on batch 0."""
+  run = trainer.build(config, devices)
+  f = jax.jit(lambda p, b: run.value_and_grad(p, b, run.model, run.model_cfg.num_items + 1))
+  batch = run.batches(0)
+  with sharding.activate(run.mesh):
+    compiled = f.lower(run.state.params, batch).compile()
+  (loss, aux), grads = jax.device_get(compiled(run.state.params, batch))
+  return float(loss), float(aux["hr@10"]), grads, compiled
+
+
+@pytest.fixture(scope="module")
+def reference():
+  return _loss_and_grads(_config(), jax.devices()[:1])
+
+
+def _assert_same(got, ref, what):
+  loss, hr, grads, _ = got
+  np.testing.assert_allclose(loss, ref[0], rtol=1e-5, err_msg=what)
+  assert hr == ref[1], what
+  flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+  for (path, g), g_ref in zip(flat, jax.tree.leaves(ref[2])):
+    rel = np.linalg.norm(g - g_ref) / max(np.linalg.norm(g_ref), 1e-30)
+    assert rel <= 1e-5, f"{what} {jax.tree_util.keystr(path)}: relative gradient error {rel:.2e}"
+
+
+@pytest.mark.parametrize("data,tensor,pipe,mbs,uneven", LAYOUTS,
+                         ids=[f"{d}x{t}x{p}" for d, t, p, _, _ in LAYOUTS])
+def test_pipeline_matches_single_device(reference, data, tensor, pipe, mbs, uneven):
+  temp = {}
+  for stage_layers in [()] + ([uneven] if uneven else []):
+    for schedule in ("gpipe", "1f1b"):
+      got = _loss_and_grads(_config(data, tensor, pipe, schedule, mbs, stage_layers),
+                            jax.devices())
+      _assert_same(got, reference, f"{schedule} stages={stage_layers or 'uniform'}")
+      temp[schedule, stage_layers] = got[3].memory_analysis().temp_size_in_bytes
+    # microbatches >= 2 * pipe here: 1F1B holds at most `pipe` microbatches, GPipe all of them.
+    assert temp["1f1b", stage_layers] < temp["gpipe", stage_layers], temp
+
+
+def test_train_steps_and_checkpoint_across_pipe(tmp_path):
+  """Two optimizer steps on a 2x2x2 1F1B mesh equal one device's; the state saved there
+  restores onto a pipe=1 mesh (parameters keep the canonical [L, ...] layout)."""
+  losses = {}
+  for name, cfg, devs in [("ref", _config(), jax.devices()[:1]),
+                          ("pipe", _config(2, 2, 2, "1f1b", 2, (3, 5)), jax.devices())]:
+    run = trainer.build(cfg, devs)
+    step, state = run.compile(), run.state
+    out = []
+    for i in range(2):
+      state, m = step(state, run.batches(i))
+      out.append(float(m["loss"]))
+    losses[name] = (out, state)
+  np.testing.assert_allclose(losses["pipe"][0], losses["ref"][0], rtol=1e-5)
+  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck.save(2, losses["pipe"][1], {"step": 2})
+  ck.wait()
+  target = trainer.build(_config(data=2, tensor=4), jax.devices(), init=False)
+  restored, _ = ck.restore(target.abstract_state)
+  ck.close()
+  for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)),
+                  jax.tree.leaves(jax.device_get(losses["pipe"][1].params))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_schedules_bubble_and_in_flight():
+  for p, m in [(2, 4), (4, 8), (4, 4), (8, 8)]:
+    g, f = schedules.build("gpipe", p, m), schedules.build("1f1b", p, m)
+    assert g.in_flight == m and f.in_flight == min(p, m)
+    for s in (g, f):
+      assert s.ticks == 2 * (m + p - 1)
+      assert ((s.op == schedules.FWD).sum(0) == m).all() and ((s.op == schedules.BWD).sum(0) == m).all()
+      equal_cost = schedules.bubble_fraction(s, bwd_cost=np.ones(p))
+      assert abs(equal_cost - schedules.analytic_bubble(p, m)) < 1e-12
+  # Lock-step ticks: a slow stage stretches every tick, so non-uniform stages add bubble.
+  s = schedules.build("1f1b", 4, 8)
+  assert schedules.bubble_fraction(s, [1, 3, 3, 1]) > schedules.bubble_fraction(s, [2, 2, 2, 2])
+
+
+BAD = [
+    (dict(stage_layers=(3, 3)), "sums to 6 but model.num_layers=8"),
+    (dict(stage_layers=(4, 2, 2)), "has 3 stages but mesh.pipe=2"),
+    (dict(stage_layers=(0, 8)), "every stage needs a positive"),
+    (dict(microbatches=3), "pipeline.microbatches=3 does not divide the 8 rows"),
+    (dict(microbatches=0), "must be a positive integer"),
+    (dict(schedule="interleaved"), "pipeline.schedule='interleaved' is unknown"),
+]
+
+
+@pytest.mark.parametrize("change,needle", BAD, ids=[n for _, n in BAD])
+def test_bad_pipeline_config(change, needle):
+  c = _config(data=2, tensor=2, pipe=2)
+  c.pipeline.update(change)
+  with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+    config_check.check(c, 8)
+
+
+def test_more_stages_than_blocks_and_dropout():
+  c = _config(data=1, tensor=1, pipe=8)
+  c.model.num_layers = 4
+  with pytest.raises(ConfigError, match="mesh.pipe=8 stages but model.num_layers=4"):
+    config_check.check(c, 8)
+  c = _config(data=4, tensor=1, pipe=2, microbatches=2)
+  c.model.dropout_rate = 0.1
+  with pytest.raises(ConfigError, match="does not support dropout"):
+    config_check.check(c, 8)
