@@ -132,7 +132,7 @@ def test_leave_one_out_and_epoch_windows():
   np.testing.assert_array_equal(tg, [7, 7])
   np.testing.assert_array_equal(hist[1], [5, 6])
   w = TrainWindows(loo.train, 10, seq_len=4, batch_size=2, seed=0)
-  assert w.users == [0, 1]  # user 2 has one training item: no (input, target) pair
+  assert list(w.users) == [0, 1]  # user 2 has one training item: no (input, target) pair
   epoch = np.concatenate([w.rows(0, 0, 2)])
   assert sorted(map(tuple, epoch)) == sorted([(2, 3, 4, 5), (0, 0, 3, 4)])
   np.testing.assert_array_equal(w.rows(3, 0, 2), TrainWindows(loo.train, 10, 4, 2, 0).rows(3, 0, 2))

@@ -6,7 +6,12 @@
 Protocol: leave-one-out (last item = test, second-to-last = validation), the target ranked
 against all 3,416 items, seen items kept. Reference (generative-recommenders, SASRec with
 sampled softmax, length 200, dim 50, 2 blocks, 1 head): HR@10 0.2853, NDCG@10 0.1603.
-Result: see RESULT below (filled in from the measured run).
+Measured on the 2-core CPU machine (8 virtual devices, data=4 x tensor=2), run stopped by
+SIGTERM at step 2,205 of 4,000 (47 epochs, 38 min wall), then evaluated on the test split:
+HR@10 0.2263, NDCG@10 0.1186, HR@50 0.4944, NDCG@50 0.1773, HR@200 0.7182, MRR 0.1012
+(validation HR@10 0.2369). Validation HR@10 rose 0.179 / 0.215 / 0.232 / 0.233 at steps
+500 / 1000 / 1500 / 2000: this size is still below the reference. An earlier 2,000-step
+run without length buckets reached validation HR@10 0.2344 at step 1,250.
 """
 
 from experiments.configs import default
