@@ -59,3 +59,8 @@ def test_length_buckets_cover_each_epoch_once_and_only_trim_padding():
       seen.extend(users.tolist())
     assert len(seen) == len(set(seen)) == 100  # 3 of 103 users sit out each epoch
     assert len(widths) > 1
+
+
+def test_source_names_cover_the_movielens_formats():
+  from rec_llm.data import movielens, sources
+  assert sources.MOVIELENS == movielens.FORMATS  # sources avoids importing TFDS for synthetic data

@@ -86,11 +86,12 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   # Created directly sharded: no host or device ever holds the whole model.
   init_fn = jax.jit(lambda: nn.meta.unbox(boxed(rng)), out_shardings=state_shardings)
   batches = loader.BatchMaker(source, int(tc.batch_size), mesh)
-  value_and_grad = None
   if shape[2] > 1:
     value_and_grad = make_pipelined_value_and_grad(
         mc, mc.num_items + 1, mesh, config_check.pipeline_config(config),
         param_shardings=state_shardings.params)
+  else:
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
   step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
                             inject_nonfinite_steps=tuple(tc.get("inject_nonfinite_steps", ())),
                             value_and_grad=value_and_grad)
@@ -98,7 +99,7 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
   run = Run(config, mesh, mc, model, source, state_shardings, abstract, init_fn, batches, jitted,
-            value_and_grad=value_and_grad or jax.value_and_grad(loss_fn, has_aux=True))
+            value_and_grad=value_and_grad)
   if init:
     run.state = init_fn()
   return run
@@ -157,9 +158,10 @@ def train(config: ConfigDict, workdir: str | None = None,
   elapsed0 = 0.0
   if ckpt and ckpt.latest_step() is not None:
     state, meta = ckpt.restore(run.abstract_state)
-    if int(meta["data_position"]) != int(to_host(state.step)):
+    restored_step = int(to_host(state.step))
+    if int(meta["data_position"]) != restored_step:
       raise TrainingError(f"checkpoint {ckpt.latest_step()} is inconsistent: state step "
-                          f"{int(to_host(state.step))} vs data position {meta['data_position']}")
+                          f"{restored_step} vs data position {meta['data_position']}")
     elapsed0 = float(meta.get("elapsed_s", 0.0))
     logging.info("resumed from %s at step %d", ckpt.directory, int(meta["step"]))
   else:
@@ -215,8 +217,8 @@ def train(config: ConfigDict, workdir: str | None = None,
       logging.warning("%s (train.nonfinite='skip')", msg)
       skipped_seen = skipped
 
-  def save(done, skipped):
-    check_finite(done, skipped)
+  def save(done):
+    check_finite(done, int(to_host(state.skipped)))  # refuse to save after a bad step
     ckpt.save(done, state, {"step": done, "data_position": done, "elapsed_s": elapsed(),
                             "mesh": mesh_lib.describe(run.mesh)})
 
@@ -248,17 +250,17 @@ def train(config: ConfigDict, workdir: str | None = None,
         evaluate(done, ["val"])
         t_last, win_tokens, win_flops = time.perf_counter(), 0, 0
       if ckpt and ck_every and done % ck_every == 0:
-        save(done, int(to_host(state.skipped)))
+        save(done)
       if preempt.agreed():
         if ckpt and ckpt.latest_step() != done:
-          save(done, int(to_host(state.skipped)))
+          save(done)
         logging.warning("SIGTERM: saved step %d and stopped; run the same command to resume", done)
         return history
     done = int(to_host(state.step))
     if evaluator:
       evaluate(done, ["val", "test"])
     if ckpt and ckpt.latest_step() != done:
-      save(done, int(to_host(state.skipped)))
+      save(done)
   finally:
     preempt.restore()
     if ckpt:
