@@ -23,6 +23,15 @@ def get_config(arg=None):
   # remat: recompute each block's activations in the backward.
   c.pipeline = ml_collections.ConfigDict(dict(schedule="1f1b", microbatches=4, stage_layers=(),
                                               remat=False))
+  # Data parallelism beyond GSPMD's all-reduce (rec_llm/train/dp_step.py). mode: 'sync' |
+  # 'stale' (staleness tau) | 'local_sgd' (local_steps H, DiLoCo outer Nesterov step);
+  # aggregator: 'psum' | 'ring' | 'hierarchical' (group = devices per node) | 'sparse';
+  # compression.kind: 'none' | 'topk' | 'randomk' | 'qsgd' | 'int8' | 'sign' | 'powersgd'.
+  c.dp = ml_collections.ConfigDict(dict(
+      mode="sync", staleness=0, local_steps=1, outer_lr=0.7, outer_momentum=0.9,
+      aggregator="psum", group=0,
+      compression=ml_collections.ConfigDict(dict(kind="none", ratio=0.01, bits=8, rank=4,
+                                                 momentum=0.0))))
   c.data = ml_collections.ConfigDict(dict(name="synthetic", num_items=4096, zipf_a=1.1, p_follow=0.8))
   c.train = ml_collections.ConfigDict(dict(
       steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=30, end_lr_fraction=0.1,

@@ -37,6 +37,17 @@ class Collective:
   payload: int       # bytes per execution, per device
   count: int         # executions per step (product of enclosing trip counts)
   name: str
+  group: int = 1     # devices per replica group (2 for a collective-permute pair)
+
+  @property
+  def wire(self) -> float:
+    """Bytes one device sends per execution with ring algorithms (see the module docstring)."""
+    n = max(self.group, 1)
+    if self.kind == "all-reduce":
+      return 2 * (n - 1) / n * self.payload
+    if self.kind == "collective-permute":
+      return float(self.payload)
+    return (n - 1) / n * self.payload
 
 
 def _shape_bytes(shape: str) -> int:
@@ -129,7 +140,8 @@ def collectives(text: str, mesh_shape: dict[str, int]) -> list[Collective]:
           payload //= 2
         if base == "reduce-scatter":
           payload *= max(len(groups[0]), 1) if groups else 1
-        out.append(Collective(base, _axes_of(groups, mesh_shape), payload, mult, name))
+        out.append(Collective(base, _axes_of(groups, mesh_shape), payload, mult, name,
+                              max((len(g) for g in groups), default=1)))
       if op == "while":
         trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
         if trip is None:
@@ -152,15 +164,17 @@ def collectives(text: str, mesh_shape: dict[str, int]) -> list[Collective]:
 
 def collective_bytes(text: str, mesh_shape: dict[str, int]) -> dict:
   """{'by_kind': {kind: bytes}, 'by_axis': {axes: bytes}, 'by_axis_kind': {axes: {kind: bytes}},
-  'total': bytes}: payload bytes per device per step (see the module docstring)."""
-  by_kind, by_axis = collections.Counter(), collections.Counter()
+  'total': bytes, 'wire_by_axis': {axes: bytes}}: payload bytes per device per step, and
+  the bytes each device sends with ring algorithms (see the module docstring)."""
+  by_kind, by_axis, wire = collections.Counter(), collections.Counter(), collections.Counter()
   by_axis_kind = collections.defaultdict(collections.Counter)
   for c in collectives(text, mesh_shape):
     b = c.payload * c.count
     by_kind[c.kind] += b
     by_axis[c.axes] += b
+    wire[c.axes] += c.wire * c.count
     by_axis_kind[c.axes][c.kind] += b
   return json.loads(json.dumps({
       "by_kind": {k: by_kind.get(k, 0) for k in KINDS}, "by_axis": dict(by_axis),
       "by_axis_kind": {a: dict(v) for a, v in by_axis_kind.items()},
-      "total": sum(by_kind.values())}))
+      "total": sum(by_kind.values()), "wire_by_axis": dict(wire)}))

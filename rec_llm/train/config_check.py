@@ -4,9 +4,10 @@ from ml_collections import ConfigDict
 
 from rec_llm.data import sources
 from rec_llm.errors import ConfigError
+from rec_llm.train import optimizer
 from rec_llm.models.seq_transformer import ModelConfig
 from rec_llm.parallel import mesh as mesh_lib
-from rec_llm.parallel import schedules
+from rec_llm.parallel import collectives, compression, schedules
 
 
 def _positive(cfg: ConfigDict, section: str, *names: str) -> None:
@@ -53,6 +54,7 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
   if not 0.0 <= m.get("dropout_rate", 0.0) < 1.0:
     raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   check_pipeline(config, data, pipe)
+  check_dp(config, data, pipe)
   warmup = config.train.get("warmup_steps", 0)
   if not 0 <= warmup <= config.train.steps:
     raise ConfigError(f"train.warmup_steps={warmup} must be between 0 and train.steps={config.train.steps}")
@@ -77,6 +79,50 @@ def pipeline_config(config: ConfigDict) -> dict:
   p.update(dict(config.get("pipeline", {})))
   p["stage_layers"] = tuple(p["stage_layers"] or ())
   return p
+
+
+DP_MODES = ("sync", "stale", "local_sgd")
+
+
+def check_dp(config: ConfigDict, data: int, pipe: int) -> None:
+  """The `dp` section: compression, aggregator and mode (rec_llm/train/dp_step.py)."""
+  opt = config.train.get("optimizer", "adamw")
+  if opt not in optimizer.OPTIMIZERS:
+    raise ConfigError(f"train.optimizer={opt!r} is unknown; choose one of {list(optimizer.OPTIMIZERS)}")
+  dp = config.get("dp")
+  if dp is None:
+    return
+  c = dp.get("compression", ConfigDict())
+  kind, agg, mode = c.get("kind", "none"), dp.get("aggregator", "psum"), dp.get("mode", "sync")
+  if kind not in compression.KINDS:
+    raise ConfigError(f"dp.compression.kind={kind!r} is unknown; choose one of {list(compression.KINDS)}")
+  if agg not in collectives.AGGREGATORS:
+    raise ConfigError(f"dp.aggregator={agg!r} is unknown; choose one of {list(collectives.AGGREGATORS)}")
+  if mode not in DP_MODES:
+    raise ConfigError(f"dp.mode={mode!r} is unknown; choose one of {list(DP_MODES)}")
+  ratio = c.get("ratio", 0.01)
+  if not 0.0 < ratio <= 1.0:
+    raise ConfigError(f"dp.compression.ratio={ratio} must be in (0, 1] (the fraction of "
+                      "gradient entries sent)")
+  if c.get("rank", 4) <= 0:
+    raise ConfigError(f"dp.compression.rank={c.rank} must be a positive integer (PowerSGD rank)")
+  if not 2 <= c.get("bits", 8) <= 8:
+    raise ConfigError(f"dp.compression.bits={c.bits} must be between 2 and 8")
+  if dp.get("staleness", 0) < 0:
+    raise ConfigError(f"dp.staleness={dp.staleness} must be >= 0 (0 is synchronous)")
+  if dp.get("local_steps", 1) < 1:
+    raise ConfigError(f"dp.local_steps={dp.local_steps} must be >= 1 (1 syncs every step)")
+  group = dp.get("group", 0)
+  if agg == "hierarchical" and (group < 1 or data % group):
+    raise ConfigError(f"dp.group={group} must divide mesh.data={data} for the hierarchical "
+                      "aggregator (devices per node)")
+  uses = mode != "sync" or kind != "none" or agg != "psum"
+  if uses and pipe > 1:
+    raise ConfigError("the dp section (compression, aggregator, stale/local_sgd) needs "
+                      f"mesh.pipe=1, got {pipe}; pipelined runs use the synchronous psum")
+  if kind == "topk" and agg not in ("sparse", "psum"):
+    raise ConfigError(f"dp.compression.kind='topk' sends (index, value) pairs; use "
+                      f"dp.aggregator='sparse' (or 'psum' for a dense comparison), not {agg!r}")
 
 
 def check_pipeline(config: ConfigDict, data: int, pipe: int) -> None:

@@ -22,8 +22,17 @@ def schedule(train_cfg: ConfigDict) -> optax.Schedule:
       end_value=train_cfg.learning_rate * train_cfg.get("end_lr_fraction", 0.0))
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make(train_cfg: ConfigDict) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.clip_by_global_norm(train_cfg.get("grad_clip", 1.0)),
-      optax.adamw(schedule(train_cfg), b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.98),
-                  weight_decay=train_cfg.get("weight_decay", 0.0), mask=_decay_mask))
+  """train.optimizer: 'adamw' (default) or 'sgd' (plain, for exactness checks); clipping by
+  global norm train.grad_clip first (0: off)."""
+  clip = float(train_cfg.get("grad_clip", 1.0))
+  name = train_cfg.get("optimizer", "adamw")
+  if name == "sgd":
+    opt = optax.sgd(schedule(train_cfg))
+  else:
+    opt = optax.adamw(schedule(train_cfg), b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.98),
+                      weight_decay=train_cfg.get("weight_decay", 0.0), mask=_decay_mask)
+  return optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt

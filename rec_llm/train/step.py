@@ -21,6 +21,7 @@ class TrainState:
   params: Any
   opt_state: Any
   skipped: jax.Array  # steps whose loss or gradient was not finite (their update was dropped)
+  dp: Any = None  # the `dp` step's state (rec_llm/train/dp_step.py); None for the default step
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, rng: jax.Array):

@@ -20,7 +20,7 @@ from rec_llm.eval.ranking import Evaluator
 from rec_llm.models.seq_transformer import ModelConfig, SeqTransformer, count_params, flops_per_token
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import sharding
-from rec_llm.train import checkpoint, config_check, optimizer, throughput
+from rec_llm.train import checkpoint, config_check, dp_step, optimizer, throughput
 from rec_llm.train.metric_writer import MetricWriter
 from rec_llm.train.step import (TrainState, init_state, loss_fn,
                                 make_pipelined_value_and_grad, make_train_step)
@@ -78,23 +78,40 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   model = SeqTransformer(mc)
   tx = optimizer.make(tc)
   rng = jax.random.PRNGKey(seed)
-  boxed = functools.partial(init_state, model, tx, mc.max_len)
-  abstract_boxed = jax.eval_shape(boxed, rng)
-  state_shardings = sharding.tree_shardings(abstract_boxed, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.meta.unbox(abstract_boxed), state_shardings)
-  # Created directly sharded: no host or device ever holds the whole model.
-  init_fn = jax.jit(lambda: nn.meta.unbox(boxed(rng)), out_shardings=state_shardings)
+  inject = tuple(tc.get("inject_nonfinite_steps", ()))
+  use_dp = dp_step.uses_dp_step(config)
+  local_sgd = use_dp and config.dp.mode == "local_sgd"
+  # With local SGD the state's optimizer is the outer one; the inner one lives per replica.
+  boxed = functools.partial(init_state, model,
+                            dp_step.outer_optimizer(config.dp) if local_sgd else tx, mc.max_len)
+  state_shardings = sharding.tree_shardings(jax.eval_shape(boxed, rng), mesh)
+  make_state = lambda: nn.meta.unbox(boxed(rng))
   batches = loader.BatchMaker(source, int(tc.batch_size), mesh)
-  if shape[2] > 1:
-    value_and_grad = make_pipelined_value_and_grad(
-        mc, mc.num_items + 1, mesh, config_check.pipeline_config(config),
-        param_shardings=state_shardings.params)
+  if use_dp:
+    inner = sharding.tree_shardings(jax.eval_shape(
+        functools.partial(init_state, model, tx, mc.max_len), rng), mesh).opt_state
+    step_fn = dp_step.DPStep(model, tx, mc.num_items + 1, mesh, state_shardings.params, inner,
+                             config, inject_nonfinite_steps=inject)
+    state_shardings = state_shardings.replace(dp=step_fn.state_shardings())
+    base_state = make_state
+    make_state = lambda: (s := base_state()).replace(dp=step_fn.init(s.params))
+    # Expand the per-device prefix shardings over the compressor state's leaves.
+    state_shardings = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub),
+                                   state_shardings, jax.eval_shape(make_state))
+    value_and_grad = None
   else:
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-  step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
-                            inject_nonfinite_steps=tuple(tc.get("inject_nonfinite_steps", ())),
-                            value_and_grad=value_and_grad)
+    if shape[2] > 1:
+      value_and_grad = make_pipelined_value_and_grad(
+          mc, mc.num_items + 1, mesh, config_check.pipeline_config(config),
+          param_shardings=state_shardings.params)
+    else:
+      value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
+                              inject_nonfinite_steps=inject, value_and_grad=value_and_grad)
+  # Created directly sharded: no host or device ever holds the whole model.
+  init_fn = jax.jit(make_state, out_shardings=state_shardings)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          jax.eval_shape(init_fn), state_shardings)
   batch_shardings = {"inputs": batches.sharding, "targets": batches.sharding}
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)

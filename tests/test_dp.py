@@ -1,0 +1,99 @@
+"""The `dp` step (rec_llm/train/dp_step.py): its modes reduce to the synchronous step, its
+compressors train, and bad settings give clear errors.
+
+Tolerances (float32, data=4 x tensor=2): 'stale' with tau = 0 and the ring aggregator compute
+the synchronous losses to rtol 1e-6 (only the order of the data-parallel sum differs);
+'local_sgd' with H = 1 (inner SGD, outer SGD with lr 1 and no momentum: the mean of the
+replicas' steps) equals synchronous SGD to rtol 1e-6.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from rec_llm.errors import ConfigError
+from rec_llm.train import config_check, trainer
+from tests.helpers import tiny_config
+
+STEPS = 4
+
+
+def _config(**dp):
+  c = tiny_config(data=4, tensor=2)
+  c.train.warmup_steps = 0
+  for k, v in dp.items():
+    if k in ("optimizer", "grad_clip", "inject_nonfinite_steps"):
+      c.train[k] = v
+    elif k in ("kind", "ratio", "bits", "rank", "momentum"):
+      c.dp.compression[k] = v
+    else:
+      c.dp[k] = v
+  return c
+
+
+def _losses(config, steps=STEPS):
+  run = trainer.build(config)
+  step, state, out = run.compile(), run.state, []
+  for i in range(steps):
+    state, m = step(state, run.batches(i))
+    out.append(float(m["loss"]))
+  return np.array(out), state
+
+
+@pytest.fixture(scope="module")
+def sync():
+  return {opt: _losses(_config(optimizer=opt, grad_clip=0.0))[0] for opt in ("adamw", "sgd")}
+
+
+@pytest.mark.parametrize("dp", [dict(mode="stale", staleness=0), dict(aggregator="ring"),
+                                dict(aggregator="hierarchical", group=2)],
+                         ids=["stale0", "ring", "hierarchical"])
+def test_reduces_to_sync(sync, dp):
+  got, state = _losses(_config(grad_clip=0.0, **dp))
+  assert state.dp is not None  # the explicit data-parallel step ran, not GSPMD's
+  np.testing.assert_allclose(got, sync["adamw"], rtol=1e-6)
+
+
+def test_local_sgd_one_step_is_sync_sgd(sync):
+  got, _ = _losses(_config(optimizer="sgd", grad_clip=0.0, mode="local_sgd", local_steps=1,
+                           outer_lr=1.0, outer_momentum=0.0))
+  np.testing.assert_allclose(got, sync["sgd"], rtol=1e-6)
+
+
+def test_stale_and_local_steps_change_the_trajectory(sync):
+  stale, _ = _losses(_config(grad_clip=0.0, mode="stale", staleness=2))
+  # The first two steps only fill the queue: the third loss is computed with unchanged params.
+  assert not np.allclose(stale[2:], sync["adamw"][2:], rtol=1e-4)
+  local, state = _losses(_config(grad_clip=0.0, mode="local_sgd", local_steps=3))
+  replicas = jax.device_get(state.dp["local_params"]["final_norm"]["scale"])
+  assert not np.allclose(replicas[0], replicas[1])  # the copies drifted apart since step 3
+  assert np.isfinite(local).all()
+
+
+def test_nonfinite_step_is_skipped_and_state_kept():
+  losses, state = _losses(_config(mode="stale", staleness=1, inject_nonfinite_steps=(2,)))
+  assert np.isnan(losses[2]) and np.isfinite(losses[[0, 1, 3]]).all()
+  assert int(state.skipped) == 1
+  leaves = jax.tree.leaves(jax.device_get((state.params, state.dp)))
+  assert all(np.isfinite(x).all() for x in leaves)
+
+
+BAD = [
+    (dict(kind="topk", ratio=0.0, aggregator="sparse"), "dp.compression.ratio=0.0 must be in (0, 1]"),
+    (dict(kind="topk", ratio=1.5, aggregator="sparse"), "dp.compression.ratio=1.5 must be in (0, 1]"),
+    (dict(kind="gzip"), "dp.compression.kind='gzip' is unknown"),
+    (dict(aggregator="tree"), "dp.aggregator='tree' is unknown"),
+    (dict(kind="powersgd", rank=0), "dp.compression.rank=0 must be a positive"),
+    (dict(mode="stale", staleness=-1), "dp.staleness=-1 must be >= 0"),
+    (dict(mode="local_sgd", local_steps=0), "dp.local_steps=0 must be >= 1"),
+    (dict(mode="async"), "dp.mode='async' is unknown"),
+    (dict(aggregator="hierarchical", group=3), "dp.group=3 must divide mesh.data=4"),
+    (dict(kind="topk", aggregator="ring"), "use dp.aggregator='sparse'"),
+]
+
+
+@pytest.mark.parametrize("dp,needle", BAD, ids=[n for _, n in BAD])
+def test_bad_dp_settings(dp, needle):
+  with pytest.raises(ConfigError) as e:
+    config_check.check(_config(**dp), 8)
+  assert needle in str(e.value)
