@@ -1,0 +1,123 @@
+r"""Data-parallel compression on MovieLens-1M: bytes on the wire vs ranking quality.
+
+  python -m benchmarks.compression --data=../shared/data/sasrec/ml-1m.txt \
+      [--steps=400] [--points=dense,topk1,...] [--out=benchmarks/results/compression.json]
+
+Every point trains the same model from the same seed for the same number of steps on
+8 virtual devices (data=4 x tensor=2), then ranks the test items against all items.
+Per point: the data-parallel bytes each device sends per step, read from the compiled
+HLO (collectives whose groups span the 'data' axis, ring wire convention, see
+rec_llm/parallel/hlo_stats.py; 'gspmd' is the default step, whose all-reduces also carry
+more than the gradient) next to the compressor's analytic payload
+(rec_llm.parallel.compression.payload_bytes); the compression ratio (dense bytes / these
+bytes); step time; test NDCG@10 / HR@10 and their ratio to dense; wall time.
+Local SGD syncs inside a conditional taken every H-th step: its HLO bytes are divided by H.
+"""
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import statistics
+import time
+
+import jax
+from absl import app, flags, logging
+
+from benchmarks import common
+from experiments.configs import ml1m_sasrec
+from rec_llm.parallel import compression, hlo_stats, sharding
+from rec_llm.train import trainer
+
+POINTS = {  # name: dp overrides
+    "gspmd": {},  # the default step: XLA's all-reduce, placed by GSPMD
+    "dense": dict(aggregator="ring"),  # the explicit dp step, uncompressed (= psum's bytes)
+    "topk1": dict(kind="topk", ratio=0.01, aggregator="sparse"),
+    "topk0.1": dict(kind="topk", ratio=0.001, aggregator="sparse"),
+    "int8": dict(kind="int8", aggregator="ring"),
+    "sign": dict(kind="sign", aggregator="ring"),
+    "powersgd4": dict(kind="powersgd", rank=4, aggregator="psum"),
+    "stale2": dict(mode="stale", staleness=2),
+    "local8": dict(mode="local_sgd", local_steps=8),
+}
+
+_DATA = flags.DEFINE_string("data", "../shared/data/sasrec/ml-1m.txt", "SASRec-format ML-1M file.")
+_STEPS = flags.DEFINE_integer("steps", 400, "Training steps per point.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 50, "Window length (200 is the quality config's).")
+_POINTS = flags.DEFINE_list("points", list(POINTS), "Which points, in order.")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/compression.json", "Output JSON path.")
+
+
+def point_config(name: str, data: str, steps: int, max_len: int):
+  c = ml1m_sasrec.get_config()
+  c.data.path = data
+  c.data.length_buckets = tuple(b for b in (25, 50, 100) if b < max_len)
+  c.model.max_len = max_len
+  c.train.update(steps=steps, warmup_steps=min(100, steps // 4), log_every=25)
+  c.eval.update(every_steps=0)
+  c.checkpoint.update(every_steps=0)
+  for k, v in POINTS[name].items():
+    (c.dp.compression if k in ("kind", "ratio", "bits", "rank", "momentum") else c.dp)[k] = v
+  return c
+
+
+def dp_bytes(config) -> dict:
+  """HLO-measured and analytic data-parallel bytes per device per step (widest program)."""
+  run = trainer.build(config)
+  width = max(run.batches.widths)
+  with sharding.activate(run.mesh):
+    text = run.train_step.lower(run.state, run.batches.spec(width)).compile().as_text()
+  wire = hlo_stats.collective_bytes(text, dict(run.mesh.shape))["wire_by_axis"]
+  measured = sum(b for axes, b in wire.items() if "data" in axes.split("+"))
+  dp = config.dp
+  local = jax.tree.map(lambda a: a.sharding.shard_shape(a.shape), run.abstract_state.params)
+  shapes = jax.tree.leaves(local, is_leaf=lambda x: isinstance(x, tuple))
+  n = run.mesh.shape["data"]
+  kw = dict(replicas=n, aggregator=dp.aggregator, ratio=dp.compression.ratio,
+            bits=dp.compression.bits, rank=dp.compression.rank, group=dp.group)
+  analytic = compression.payload_bytes(dp.compression.kind, shapes, **kw)
+  every = dp.local_steps if dp.mode == "local_sgd" else 1
+  return {"dp_bytes_hlo": measured / every, "dp_bytes_analytic": analytic / every,
+          "tensor_bytes_hlo": sum(b for a, b in wire.items() if "data" not in a.split("+")),
+          "sync_every": every}
+
+
+def run_point(name: str) -> dict:
+  config = point_config(name, _DATA.value, _STEPS.value, _MAX_LEN.value)
+  out = {"point": name, "dp": config.dp.to_dict(), "steps": _STEPS.value,
+         "max_len": _MAX_LEN.value, **dp_bytes(config)}
+  t = time.perf_counter()
+  history = trainer.train(config, None)
+  out["wall_s"] = time.perf_counter() - t
+  times = [r["step_time_s"] for r in history if "step_time_s" in r][1:]
+  out["step_time_s"] = statistics.median(times)
+  out["final_loss"] = [r["loss"] for r in history if "loss" in r][-1]
+  for r in history:
+    out.update({k: v for k, v in r.items() if k.startswith(("test/", "eval/"))})
+  logging.warning("%s: %s", name, {k: out[k] for k in ("dp_bytes_hlo", "step_time_s", "test/ndcg@10")})
+  return out
+
+
+def main(argv):
+  del argv
+  results = []
+  for name in _POINTS.value:
+    results.append(run_point(name))
+    dense = next((r for r in results if r["point"] == "dense"), None)
+    for r in results:
+      if dense:
+        r["compression_ratio"] = dense["dp_bytes_hlo"] / max(r["dp_bytes_hlo"], 1e-9)
+        r["ndcg10_vs_dense"] = r["test/ndcg@10"] / dense["test/ndcg@10"]
+        r["hr10_vs_dense"] = r["test/hr@10"] / dense["test/hr@10"]
+    common.write(_OUT.value, {"mesh": "data=4 x tensor=2", "results": results})
+  print(f"{'point':10} {'DP bytes/step':>14} {'analytic':>12} {'ratio':>8} {'step s':>7} "
+        f"{'NDCG@10':>8} {'HR@10':>7} {'vs dense':>8}")
+  for r in results:
+    print(f"{r['point']:10} {r['dp_bytes_hlo']:14,.0f} {r['dp_bytes_analytic']:12,.0f} "
+          f"{r.get('compression_ratio', 0):8.1f} {r['step_time_s']:7.3f} {r['test/ndcg@10']:8.4f} "
+          f"{r['test/hr@10']:7.4f} {r.get('ndcg10_vs_dense', 0):8.3f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
