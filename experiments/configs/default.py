@@ -17,7 +17,8 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=4, tensor=2, pipe=1))
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=64, vocab_multiple=128,
-      dropout_rate=0.0, dtype="float32", remat=False))
+      dropout_rate=0.0, dtype="float32", remat=False,
+      temperature=0.0))  # > 0: cosine-similarity scores / temperature
   # Used when mesh.pipe > 1: schedule 'gpipe' | '1f1b'; microbatches per data replica;
   # stage_layers: blocks per stage, e.g. (1, 3, 3, 1) (empty: as even as possible);
   # remat: recompute each block's activations in the backward.

@@ -30,6 +30,9 @@ class ModelConfig:
   dropout_rate: float = 0.0
   dtype: str = "float32"      # activations; parameters stay float32
   remat: bool = False
+  # Scores: 0 -> dot product with the item table; t > 0 -> cosine similarity / t (the
+  # L2-normalised, temperature-scaled scoring of the generative-recommenders baselines).
+  temperature: float = 0.0
 
   @property
   def vocab_size(self) -> int:
@@ -135,7 +138,16 @@ class SeqTransformer(nn.Module):
                     in_axes=nn.broadcast, length=cfg.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = stack(cfg, not train, name="blocks")(x, valid)
-    return _norm("ln_final", dt)(x), table
+    return score_space(cfg, _norm("ln_final", dt)(x), table)
+
+
+def score_space(cfg: ModelConfig, hidden, table):
+  """(hidden, table) whose dot products are the scores. Normalising rows is local to each
+  row, so a vocab-sharded table stays sharded."""
+  if not cfg.temperature:
+    return hidden, table
+  unit = lambda x: x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-12))
+  return unit(hidden) / cfg.temperature, unit(table)
 
 
 # The model cut into pieces for a pipeline (no dropout: the pipeline rejects it). They run
@@ -155,8 +167,9 @@ def block(cfg: ModelConfig, layer_params, x, ids):
 
 def final_norm(cfg: ModelConfig, params, x):
   """Final hidden states and the item table (scores are tied to it), as SeqTransformer returns."""
-  return (_norm("ln_final", jnp.dtype(cfg.dtype)).apply({"params": params["ln_final"]}, x),
-          params["item_embedding"])
+  return score_space(
+      cfg, _norm("ln_final", jnp.dtype(cfg.dtype)).apply({"params": params["ln_final"]}, x),
+      params["item_embedding"])
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

@@ -23,7 +23,8 @@ def model_config(config: ConfigDict, num_items: int) -> ModelConfig:
       num_items=num_items, num_layers=m.num_layers, d_model=m.d_model,
       num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len,
       vocab_multiple=m.get("vocab_multiple", 128), dropout_rate=m.get("dropout_rate", 0.0),
-      dtype=m.get("dtype", "float32"), remat=m.get("remat", False))
+      dtype=m.get("dtype", "float32"), remat=m.get("remat", False),
+      temperature=float(m.get("temperature", 0.0)))
 
 
 def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -51,6 +52,8 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
                       f"mesh.data={data}; each data replica needs the same number of rows")
   if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
+  if m.get("temperature", 0.0) < 0:
+    raise ConfigError(f"model.temperature={m.temperature} must be >= 0 (0: dot-product scores)")
   if not 0.0 <= m.get("dropout_rate", 0.0) < 1.0:
     raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   check_pipeline(config, data, pipe)
