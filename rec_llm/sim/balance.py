@@ -1,0 +1,94 @@
+"""Decisions for an adaptive trainer: re-partition the pipeline stages when it pays.
+
+Pure functions of numbers (no state, no JAX): the trainer measures, calls `decide`, logs
+the returned reason and, if told to, rebuilds its step with the new `stage_layers`.
+
+Model: stage s's measured time = its work under the cost model / its speed. The work is
+known (per-block costs, the embedding on the first stage, the head on the last), so the
+measurements give each stage's speed (slow or shared devices, thermal throttling, a
+heterogeneous node); `partition.solve` re-partitions for those speeds. Re-balancing pays
+when the predicted saving over the remaining steps exceeds the cost of moving the blocks'
+state (bytes to move / bandwidth, plus a fixed cost such as recompiling the step), and
+the saving is not within measurement noise (`min_gain`).
+
+rec_llm/parallel/pipeline.py keeps parameters in the canonical [L, ...] layout, replicated
+over 'pipe': there a re-partition moves no bytes and costs one recompile, so pass
+`bytes_per_layer=0` and `fixed_cost_s` = the measured compile time.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from rec_llm.sim import cost_model as cm
+from rec_llm.sim import partition as partition_lib
+from rec_llm.sim import simulator as sim
+
+
+def state_bytes_per_layer(m: cm.ModelSpec, tensor: int = 1) -> float:
+  """Bytes of one block's parameters and Adam moments (f32) on one device."""
+  return 12 * cm.block_params(m, tensor)
+
+
+def layer_costs(m: cm.ModelSpec, batch: sim.Batch, c, plan: sim.Plan) -> dict:
+  """Cost-model inputs for `decide`: per-block, embedding and head seconds of one microbatch."""
+  n = batch.global_batch // (plan.data * plan.microbatches) * batch.seq_len
+  mr = dataclasses.replace(m, max_len=batch.seq_len)  # attention over the batch's width
+  t = plan.tensor
+  block = cm.component_time(c, mr, "block_fwd", n, t) * (1 + plan.remat) + \
+      cm.component_time(c, mr, "block_bwd", n, t)
+  return {"layer_costs": [block] * m.num_layers,
+          "first_extra": cm.component_time(c, mr, "embed", n, t),
+          "last_extra": cm.component_time(c, mr, "head", n, t)}
+
+
+def decide(partition, measured_stage_s, *, layer_costs, first_extra: float = 0.0,
+           last_extra: float = 0.0, schedule: str = "1f1b", microbatches: int = 1,
+           remaining_steps: int, bytes_per_layer: float, bandwidth: float,
+           fixed_cost_s: float = 0.0, min_gain: float = 0.05) -> tuple[tuple[int, ...], dict]:
+  """(partition to use, reason). `measured_stage_s`: each stage's forward + backward seconds
+  of one microbatch (e.g. pipeline.measure_stage_times, or busy time / microbatches);
+  `layer_costs` etc.: the cost model's view of the same work (see `layer_costs()`)."""
+  part = tuple(int(x) for x in partition)
+  meas = np.asarray(measured_stage_s, float)
+  if len(meas) != len(part) or (meas <= 0).any():
+    raise ValueError(f"need one positive measured time per stage ({len(part)}), got {list(meas)}")
+  if sum(part) != len(layer_costs):
+    raise ValueError(f"partition {list(part)} covers {sum(part)} blocks, layer_costs has {len(layer_costs)}")
+  work = np.asarray(partition_lib.stage_times(part, layer_costs, first_extra, last_extra))
+  speed = work / meas
+  speed = speed / speed.max()
+  new, _ = partition_lib.solve(layer_costs, len(part), first_extra, last_extra, speeds=speed)
+  new_times = np.asarray(partition_lib.stage_times(new, layer_costs, first_extra, last_extra, speed))
+  scale = meas.sum() / np.asarray(partition_lib.stage_times(part, layer_costs, first_extra,
+                                                            last_extra, speed)).sum()
+  new_times = new_times * scale  # back in measured seconds
+  # backward = 2 x forward, as the FLOPs split
+  step = lambda t: sim.pipeline_seconds(t / 3, 2 * t / 3, schedule, microbatches)
+  cur_s, new_s = step(meas), step(new_times)
+  owner = lambda p: np.repeat(np.arange(len(p)), p)
+  moved = int((owner(part) != owner(new)).sum())
+  nbytes = moved * float(bytes_per_layer)
+  move_cost = (nbytes / bandwidth if nbytes else 0.0) + (fixed_cost_s if moved else 0.0)
+  gain = cur_s - new_s
+  total = gain * remaining_steps
+  rel = gain / cur_s if cur_s > 0 else 0.0
+  if new == part or moved == 0:
+    ok, why = False, "the current partition is already the best for the measured speeds"
+  elif rel < min_gain:
+    ok, why = False, (f"predicted gain {100 * rel:.1f}% per step is below min_gain "
+                      f"{100 * min_gain:.0f}% (measurement noise)")
+  elif total <= move_cost:
+    ok, why = False, (f"saving {total:.3g}s over {remaining_steps} steps does not pay for "
+                      f"moving {moved} blocks ({move_cost:.3g}s)")
+  else:
+    ok, why = True, (f"{list(part)} -> {list(new)}: {100 * rel:.1f}% faster steps save "
+                     f"{total:.3g}s over {remaining_steps} steps, moving {moved} blocks costs "
+                     f"{move_cost:.3g}s")
+  reason = {"rebalance": ok, "reason": why, "current": list(part), "proposed": list(new),
+            "measured_stage_s": meas.tolist(), "inferred_speed": speed.tolist(),
+            "predicted_step_s": {"current": cur_s, "proposed": new_s},
+            "gain_per_step_s": gain, "remaining_steps": int(remaining_steps),
+            "gain_total_s": total, "layers_moved": moved, "bytes_to_move": nbytes,
+            "move_cost_s": move_cost}
+  return (new if ok else part), reason

@@ -1,0 +1,273 @@
+"""What one training step's pieces cost: FLOPs, bytes, seconds, memory, payloads.
+
+Mirrors the code in rec_llm/models and rec_llm/parallel (which this module does not import,
+so planning needs no JAX). Conventions:
+- Per device: `n` tokens (rows x seq) of one microbatch, tensor split `t`.
+- Component times use a roofline, `flops / (peak * efficiency) + bytes / (bandwidth *
+  mem_efficiency) + ops * call_overhead`, for datasheet clusters. A calibrated cluster
+  (this machine) interpolates its measured times instead, and uses the roofline only to
+  carry them to other token counts, tensor splits and model sizes.
+- Collective counts and payloads are the ones rec_llm/parallel/hlo_stats.py reads from the
+  compiled HLO (README, 'Pipeline'): per block 2 forward all-reduces of [n, d] and 4 backward
+  (one of them 3x: the q/k/v input gradients), the embedding and head 1 each, the head's
+  softmax statistics 4 x [n] f32.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from rec_llm.errors import ConfigError
+from rec_llm.sim import cluster as cluster_lib
+
+# Item counts of the MovieLens formats (for configs whose data section has no num_items):
+# GroupLens README files; 'sasrec' is the SASRec repository's ml-1m.txt.
+KNOWN_ITEMS = {"ml-100k": 1682, "ml-1m": 3706, "ml-20m": 26744, "ml-25m": 59047, "sasrec": 3416}
+OPTIMIZER_BYTES_PER_PARAM = 60  # AdamW + clipping + the non-finite guard: ~15 f32 passes
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  num_layers: int
+  d_model: int
+  num_heads: int
+  mlp_dim: int
+  max_len: int
+  num_items: int
+  vocab_multiple: int = 128
+  dtype: str = "float32"
+
+  @property
+  def vocab_size(self) -> int:
+    m = self.vocab_multiple
+    return -(-(self.num_items + 1) // m) * m
+
+  @property
+  def act_bytes(self) -> int:
+    return 4 if self.dtype == "float32" else 2
+
+  @classmethod
+  def from_config(cls, config, num_items: int | None = None) -> "ModelSpec":
+    """From a run config's `model` section; items from `num_items`, the config or the data name."""
+    m = config.model
+    if num_items is None:
+      data = config.get("data", {})
+      num_items = m.get("num_items", None) or data.get("num_items", None) or \
+          KNOWN_ITEMS.get(data.get("name", ""))
+    if not num_items:
+      raise ConfigError("the config gives no item count (data.num_items); pass --num_items=N")
+    spec = cls(num_layers=int(m.num_layers), d_model=int(m.d_model), num_heads=int(m.num_heads),
+               mlp_dim=int(m.mlp_dim), max_len=int(m.max_len), num_items=int(num_items),
+               vocab_multiple=int(m.get("vocab_multiple", 128)), dtype=str(m.get("dtype", "float32")))
+    for k in ("num_layers", "d_model", "num_heads", "mlp_dim", "max_len"):
+      if getattr(spec, k) <= 0:
+        raise ConfigError(f"model.{k}={getattr(spec, k)} must be positive")
+    if spec.d_model % spec.num_heads:
+      raise ConfigError(f"model.d_model={spec.d_model} is not divisible by model.num_heads={spec.num_heads}")
+    return spec
+
+  def to_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "vocab_size": self.vocab_size}
+
+
+# ---- parameters and FLOPs (the same formulas as rec_llm/models/seq_transformer.py) ----
+
+def block_params(m: ModelSpec, t: int = 1) -> float:
+  """Parameters of one block on one device (heads and mlp split over t; norms replicated)."""
+  d, f, h = m.d_model, m.mlp_dim, m.d_model
+  return (4 * d * h + 2 * h + 2 * d * f + f) / t + 6 * d
+
+
+def shared_params(m: ModelSpec, t: int = 1) -> float:
+  """Item table (rows split over t), positions, final norm."""
+  return m.vocab_size * m.d_model / t + m.max_len * m.d_model + 2 * m.d_model
+
+
+def count_params(m: ModelSpec) -> dict:
+  d, f, h = m.d_model, m.mlp_dim, m.d_model
+  per_block = 4 * d * h + 2 * h + d + 2 * d * f + f + d + 4 * d
+  return {"embedding": m.vocab_size * d + m.max_len * d, "blocks": m.num_layers * per_block + 2 * d}
+
+
+def model_flops_per_token(m: ModelSpec, seq_len: int) -> float:
+  """seq_transformer.flops_per_token: the MFU numerator (items + 1 head rows, not the padding)."""
+  d = m.d_model
+  return (6.0 * m.num_layers * (4 * d * d + 2 * d * m.mlp_dim) + 6.0 * d * (m.num_items + 1)
+          + 12.0 * m.num_layers * seq_len * d)
+
+
+def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int) -> dict:
+  """Per token, one device: flops, bytes split over t, bytes replicated; per call: dense bytes.
+
+  'block_fwd' / 'block_bwd', 'embed' (forward + backward), 'head' (norm + vocab-parallel
+  softmax cross-entropy, forward + backward: the last stage runs both in one tick).
+  Element-wise byte counts are estimates (passes over each activation); calibrated clusters
+  only use their ratios.
+  """
+  d, f, h, H, V, e = m.d_model, m.mlp_dim, m.d_model, m.num_heads, m.vocab_size, m.act_bytes
+  if comp in ("block_fwd", "block_bwd"):
+    k = 1 if comp == "block_fwd" else 2  # backward: twice the forward's matmuls and passes
+    return dict(flops=k * (2 * (4 * d * h + 2 * d * f) + 4 * seq * h) / t,
+                split=k * (e * (4 * h + 4 * f) + 4 * 6 * H * seq) / t,
+                rep=k * e * 12 * d, dense=0.0, ops=15 * k)
+  if comp == "embed":
+    # vocab-parallel gather + psum, scale, positions, mask; backward scatter-adds into a
+    # dense zero table shard (written and accumulated once per call)
+    return dict(flops=0.0, split=0.0, rep=6 * e * d, dense=3 * 4 * V * d / t, ops=12)
+  if comp == "head":
+    # logits [n, V/t] in f32: ~8 passes (mask, max, exp, sum, rank, grad); table read twice
+    # and its gradient written by the matmuls
+    return dict(flops=6 * d * V / t, split=8 * 4 * V / t, rep=6 * e * d,
+                dense=3 * 4 * V * d / t, ops=30)
+  raise ValueError(f"unknown component {comp!r}")
+
+
+def roofline_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t: int) -> float:
+  p = _roofline_parts(m, comp, m.max_len, t)
+  flops_rate = c.peak_flops * c.efficiency
+  bw = c.memory_bandwidth * c.mem_efficiency
+  return (p["ops"] * c.call_overhead + p["dense"] / bw
+          + n * (p["flops"] / flops_rate + (p["split"] + p["rep"]) / bw))
+
+
+_MEASURED = {"block_fwd": ("block", "fwd_s"), "block_bwd": ("block", "bwd_s"),
+             "embed": ("embed", "fwd_bwd_s"), "head": ("head", "fwd_bwd_s")}
+
+
+def component_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t: int = 1) -> float:
+  """Seconds one device (alone, at speed 1) spends on `comp` for n tokens with tensor split t.
+
+  Calibrated clusters interpolate the times measured for that tensor split's shard (linear
+  in tokens between the measured points; the nearest measured split otherwise) and carry
+  them to another model or split by the roofline's ratio.
+  """
+  if n <= 0:
+    return 0.0
+  return c.compute_scale * _component_time(c, m, comp, n, t)
+
+
+def _component_time(c, m, comp, n, t):
+  tables = (c.components or {}).get("tables")
+  if not tables:
+    return roofline_time(c, m, comp, n, t)
+  t_ref = min((int(k) for k in tables), key=lambda k: (abs(math.log(k / t)), k))
+  table = tables[str(t_ref)][_MEASURED[comp][0]]
+  ref = ModelSpec(**{k: v for k, v in c.components["model"].items() if k != "vocab_size"})
+  tokens = np.asarray(table["tokens"], float)
+  times = np.asarray(table[_MEASURED[comp][1]], float)
+  if n <= tokens[-1]:
+    base = float(np.interp(n, tokens, times))
+  else:  # beyond the largest measurement: the last segment's slope
+    slope = (times[-1] - times[-2]) / (tokens[-1] - tokens[-2])
+    base = float(times[-1] + slope * (n - tokens[-1]))
+  if n < tokens[0]:  # below the smallest: scale the smallest down, keeping half as overhead
+    base = float(times[0] * (0.5 + 0.5 * n / tokens[0]))
+  if m == ref and t == t_ref:
+    return base
+  return base * roofline_time(c, m, comp, n, t) / roofline_time(c, ref, comp, n, t_ref)
+
+
+def host_speedup(c: cluster_lib.Cluster, m: ModelSpec, tokens: float, busy: int, t: int = 1) -> float:
+  """How much faster a shared host runs `busy` devices' work at once than one after another.
+
+  Virtual CPU devices share the host's cores and caches: together they run like one device
+  working on the union of their tokens (measured on the project's machine: 8 devices with 8
+  rows each take about as long as 1 device with 64). So the speedup is the per-token cost
+  at each device's size over that at the combined size, from the measured block times:
+  busy * t(n) / t(busy * n); above 1 only where per-call overheads are amortised.
+  """
+  if not c.shared_host or busy <= 1 or tokens <= 0:
+    return 1.0
+  f = lambda n: component_time(c, m, "block_fwd", n, t) + component_time(c, m, "block_bwd", n, t)
+  return busy * f(tokens) / f(busy * tokens)
+
+
+def optimizer_time(c: cluster_lib.Cluster, params: float) -> float:
+  """AdamW update (with clipping and the non-finite guard) of `params` on one device."""
+  if c.optimizer_s_per_param:
+    return params * c.optimizer_s_per_param
+  return params * OPTIMIZER_BYTES_PER_PARAM / (c.memory_bandwidth * c.mem_efficiency)
+
+
+def elementwise_time(c: cluster_lib.Cluster, nbytes: float) -> float:
+  return nbytes / (c.memory_bandwidth * c.mem_efficiency)
+
+
+# ---- activations and memory ----
+
+def block_activation_bytes(m: ModelSpec, t: int) -> float:
+  """Bytes per token one block keeps for its backward (no remat): norms and residuals [d],
+  q/k/v/attention [h/t], the MLP's [f/t] before and after GELU, scores and probabilities
+  [heads/t, seq] in f32."""
+  d, f, h, H, e = m.d_model, m.mlp_dim, m.d_model, m.num_heads, m.act_bytes
+  return e * (8 * d + 4 * h / t + 3 * f / t) + 4 * 3 * H * m.max_len / t
+
+
+def head_transient_bytes(m: ModelSpec, t: int) -> float:
+  """Per token: the [V/t] f32 logits, their exponentials and gradient, live in the head."""
+  return 3 * 4 * m.vocab_size / t
+
+
+# ---- data-parallel gradient payloads ----
+
+def grad_leaves(m: ModelSpec, t: int, blocks: int, table_copies: int = 1) -> list[tuple[int, ...]]:
+  """Shapes of one device's gradient leaves: `blocks` blocks (2-D for matrices: in x out),
+  and the shared leaves. `table_copies`=2 for pipe=1, where GSPMD all-reduces the item
+  table's lookup and head gradients separately (measured in the HLO: 2 V d / t)."""
+  d, f, h = m.d_model, m.mlp_dim, m.d_model
+  per_block = [(d, h // t)] * 3 + [(h // t, d), (d, f // t), (f // t, d),
+                                   (h // t,), (h // t,), (d,), (f // t,), (d,)] + [(d,)] * 4
+  table = [(m.vocab_size // t, d)] * table_copies
+  return per_block * blocks + table + [(m.max_len, d), (d,), (d,)]
+
+
+def dp_payload_bytes(leaves, kind: str, ratio: float = 0.01, bits: int = 4, rank: int = 4,
+                     chunk: int = 256) -> float:
+  """Bytes one device contributes to the data-parallel reduction, per compression kind.
+
+  THE payload formulas (swap for rec_llm.parallel.compression.payload_bytes when it lands):
+    'none'     dense float32: 4 bytes per element
+    'topk'     ratio * elements pairs of (bf16 value, uint16 index within a 64K chunk): 4 bytes
+    'int8'     1 byte per element + one f32 scale per `chunk` elements
+    'sign'     1 bit per element + one f32 scale per `chunk` elements
+    'qsgd'     `bits` bits per element + one f32 norm per `chunk` elements
+    'powersgd' rank * (rows + cols) f32 for each 2-D leaf (its P and Q); other leaves dense
+  """
+  total = 0.0
+  for shape in leaves:
+    numel = math.prod(shape)
+    scales = 4 * math.ceil(numel / chunk)
+    if kind == "none":
+      total += 4 * numel
+    elif kind == "topk":
+      total += 4 * max(1, math.ceil(ratio * numel))
+    elif kind == "int8":
+      total += numel + scales
+    elif kind == "sign":
+      total += math.ceil(numel / 8) + scales
+    elif kind == "qsgd":
+      total += math.ceil(numel * bits / 8) + scales
+    elif kind == "powersgd":
+      total += 4 * rank * (shape[0] + shape[1]) if len(shape) == 2 and min(shape) > rank \
+          else 4 * numel
+    else:
+      raise ConfigError(f"unknown compression {kind!r}; choose one of {list(COMPRESSIONS)}")
+  return total
+
+
+COMPRESSIONS = ("none", "topk", "int8", "sign", "qsgd", "powersgd")
+LOSSY = frozenset(COMPRESSIONS) - {"none"}
+# Element-wise passes over the gradient (f32) to encode + decode one payload, and for
+# top-k the selection (a partial sort: ~log2(1/ratio) passes, taken as 8).
+_COMPRESS_PASSES = {"none": 0, "int8": 4, "sign": 4, "qsgd": 5, "topk": 10, "powersgd": 4}
+
+
+def compression_time(c: cluster_lib.Cluster, leaves, kind: str, rank: int = 4) -> float:
+  """Seconds one device spends compressing and decompressing its gradient."""
+  numel = sum(math.prod(s) for s in leaves)
+  t = elementwise_time(c, _COMPRESS_PASSES[kind] * 4 * numel)
+  if kind == "powersgd":  # P = M Q, Q = M^T P: 2 matmuls of 2 * rows * cols * rank FLOPs
+    mat = sum(math.prod(s) for s in leaves if len(s) == 2 and min(s) > rank)
+    t += 4 * rank * mat / (c.peak_flops * c.efficiency)
+  return t

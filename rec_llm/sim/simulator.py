@@ -1,0 +1,448 @@
+"""Simulate one training step of a plan on a cluster: time, throughput, MFU, memory, timeline.
+
+The step, as rec_llm/train and rec_llm/parallel run it:
+1. Pipeline (or one forward + backward when pipe = 1): the schedule's tick table
+   (rec_llm/parallel/schedules.py). In a tick each stage runs at most one op; Megatron
+   all-reduces over `tensor` block it; then activations and gradients move one stage
+   (two collective-permutes, sent every tick). Ticks are lock-step: a tick lasts as long
+   as its slowest stage. The last stage runs the head forward + backward in its forward op.
+2. Gradients of the stages' blocks are gathered over `pipe` and the shared ones summed.
+3. The data-parallel reduction (compressed, by aggregator), overlapped with the backward
+   as far as the cluster and the DP mode allow.
+4. The optimizer, on every device for all its (tensor-split) parameters: parameters stay in
+   the canonical layout, replicated over `data` and `pipe`.
+
+Devices are placed with `tensor` innermost, then `pipe`, then `data` (so `data` is the axis
+that spans nodes, as rec_llm/parallel/mesh.py places processes).
+"""
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+
+from rec_llm.errors import ConfigError
+from rec_llm.parallel import schedules
+from rec_llm.sim import cost_model as cm
+from rec_llm.sim.cluster import Cluster, collective_time
+
+DP_MODES = ("sync", "stale", "local_sgd")
+AGGREGATORS = ("psum", "ring", "hierarchical", "sparse")
+TICK_OPS = 20  # dispatches per pipeline tick beyond the ops themselves (conds, slot updates)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  global_batch: int
+  seq_len: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  data: int = 1
+  tensor: int = 1
+  pipe: int = 1
+  schedule: str = "1f1b"
+  microbatches: int = 1
+  stage_layers: tuple = ()        # blocks per stage; () = as even as possible
+  remat: bool = False
+  compression: str = "none"       # cost_model.COMPRESSIONS
+  ratio: float = 0.01             # top-k density
+  bits: int = 4                   # QSGD bits
+  rank: int = 4                   # PowerSGD rank
+  dp_mode: str = "sync"           # 'sync' | 'stale' | 'local_sgd'
+  staleness: int = 1              # 'stale': steps a reduction may lag
+  local_steps: int = 1            # 'local_sgd': steps between synchronisations
+  aggregator: str = "psum"        # 'psum' | 'ring' | 'hierarchical' | 'sparse'
+
+  @property
+  def mesh(self) -> str:
+    return f"{self.data}x{self.tensor}x{self.pipe}"
+
+  def compression_label(self) -> str:
+    c = self.compression
+    arg = {"topk": f"{self.ratio:g}", "qsgd": f"{self.bits}b", "powersgd": f"r{self.rank}"}.get(c)
+    label = c if arg is None else f"{c}:{arg}"
+    if self.data > 1 and (self.aggregator != "psum" or c != "none"):
+      label += f"/{self.aggregator}"
+    if self.dp_mode == "stale":
+      label += f" stale{self.staleness}"
+    elif self.dp_mode == "local_sgd":
+      label += f" local{self.local_steps}"
+    return label
+
+
+def stage_sizes(num_layers: int, stages: int, stage_layers=()) -> tuple[int, ...]:
+  """rec_llm.parallel.pipeline.stage_sizes: given counts, else as even as possible."""
+  if stage_layers:
+    return tuple(int(n) for n in stage_layers)
+  q, r = divmod(num_layers, stages)
+  return tuple(q + (s < r) for s in range(stages))
+
+
+def check_plan(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan) -> tuple[int, ...]:
+  """Raises ConfigError naming the first problem; returns the stage sizes."""
+  d, t, p = plan.data, plan.tensor, plan.pipe
+  if min(d, t, p) < 1 or d * t * p != c.devices:
+    raise ConfigError(f"plan mesh {plan.mesh} uses {d * t * p} devices but cluster {c.name!r} "
+                      f"has {c.devices}; make data*tensor*pipe = {c.devices}")
+  if m.num_heads % t or m.mlp_dim % t or m.vocab_size % t:
+    raise ConfigError(f"tensor={t} must divide num_heads={m.num_heads}, mlp_dim={m.mlp_dim} "
+                      f"and the {m.vocab_size} table rows")
+  if p > m.num_layers:
+    raise ConfigError(f"pipe={p} stages but only {m.num_layers} blocks")
+  if batch.global_batch % d or (batch.global_batch // d) % plan.microbatches:
+    raise ConfigError(f"microbatches={plan.microbatches} x data={d} must divide the global "
+                      f"batch {batch.global_batch}")
+  if p == 1 and plan.microbatches != 1:
+    raise ConfigError("microbatches > 1 needs pipe > 1 (the trainer has no gradient accumulation)")
+  if plan.schedule not in schedules.SCHEDULES:
+    raise ConfigError(f"schedule {plan.schedule!r} is unknown; choose one of {list(schedules.SCHEDULES)}")
+  if plan.compression not in cm.COMPRESSIONS:
+    raise ConfigError(f"compression {plan.compression!r} is unknown; choose one of {list(cm.COMPRESSIONS)}")
+  if plan.dp_mode not in DP_MODES:
+    raise ConfigError(f"dp_mode {plan.dp_mode!r} is unknown; choose one of {list(DP_MODES)}")
+  if plan.aggregator not in AGGREGATORS:
+    raise ConfigError(f"aggregator {plan.aggregator!r} is unknown; choose one of {list(AGGREGATORS)}")
+  sizes = stage_sizes(m.num_layers, p, plan.stage_layers)
+  if len(sizes) != p or sum(sizes) != m.num_layers or min(sizes) < 1:
+    raise ConfigError(f"stage_layers={list(sizes)} must give {p} stages of >= 1 block summing "
+                      f"to {m.num_layers}")
+  return sizes
+
+
+@functools.lru_cache(maxsize=4096)
+def _schedule(kind: str, stages: int, microbatches: int) -> schedules.Schedule:
+  return schedules.build(kind if stages > 1 else "gpipe", stages, microbatches)
+
+
+def axis_groups(c: Cluster, plan: Plan) -> dict:
+  """Per mesh axis: (size, level, members per node) with tensor innermost, then pipe, data."""
+  out, stride = {}, 1
+  for axis, n in (("tensor", plan.tensor), ("pipe", plan.pipe), ("data", plan.data)):
+    dpn = c.devices_per_node
+    if stride * n <= dpn:
+      out[axis] = (n, "intra", n)
+    else:
+      out[axis] = (n, "inter", max(1, dpn // stride))
+    stride *= n
+  return out
+
+
+def replica_stage_speeds(c: Cluster, plan: Plan) -> np.ndarray:
+  """[data, pipe] speed of each (replica, stage): its slowest tensor-parallel device."""
+  s = np.asarray(c.speeds(), float).reshape(plan.data, plan.pipe, plan.tensor)
+  return s.min(axis=2)
+
+
+@dataclasses.dataclass
+class StageCosts:
+  """Per stage, one microbatch on one device at speed 1 (seconds)."""
+  fwd: np.ndarray          # compute of a forward op (the last stage: + head forward/backward)
+  bwd: np.ndarray          # compute of a backward op
+  tp_fwd: np.ndarray       # tensor all-reduces inside a forward op
+  tp_bwd: np.ndarray
+  tick_extra: float        # per tick, every stage: slot bookkeeping and dispatch
+  p2p: float               # per tick: the two collective-permutes (0 when pipe = 1)
+  tokens: int              # tokens per microbatch per device
+  tensor: int              # the tensor split of the ops
+
+
+def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> StageCosts:
+  d_, t, p, mb = plan.data, plan.tensor, plan.pipe, plan.microbatches
+  rows = batch.global_batch // (d_ * mb)
+  n = rows * batch.seq_len
+  mr = dataclasses.replace(m, max_len=batch.seq_len)  # attention over the batch's width
+  bf = cm.component_time(c, mr, "block_fwd", n, t)
+  bb = cm.component_time(c, mr, "block_bwd", n, t) + (bf if plan.remat else 0.0)
+  emb = cm.component_time(c, mr, "embed", n, t)
+  head = cm.component_time(c, mr, "head", n, t)
+  L = np.asarray(sizes, float)
+  fwd, bwd = L * bf, L * bb
+  fwd[0] += emb / 2
+  bwd[0] += emb / 2
+  fwd[-1] += head
+  groups = axis_groups(c, plan)
+  act = n * m.d_model * m.act_bytes
+  tp_fwd, tp_bwd = np.zeros(p), np.zeros(p)
+  if t > 1:
+    lvl = groups["tensor"][1]
+    ar = lambda b: collective_time(c, "all-reduce", b, t, lvl)
+    tp_fwd = L * 2 * ar(act)
+    tp_bwd = L * (ar(act) + ar(3 * act) + (2 * ar(act) if plan.remat else 0.0))
+    tp_fwd[0] += ar(act)                            # embedding lookup psum
+    tp_fwd[-1] += ar(act) + 4 * ar(4 * rows * batch.seq_len)  # head: dh, softmax statistics
+  tick_extra, p2p = 0.0, 0.0
+  if p > 1:
+    width = max(sizes)
+    # The pipeline's ring buffers: a forward writes the stage's residuals (activations and
+    # each slot's weights), the backward reads them; every op also adds into the shared
+    # (table-sized) gradient accumulator; every tick selects received slots.
+    per_tok = (m.d_model * m.act_bytes if plan.remat else cm.block_activation_bytes(mr, t))
+    res = L * n * per_tok + width * cm.block_params(m, t) * 4
+    shared = 3 * 4 * cm.shared_params(m, t)
+    fwd = fwd + cm.elementwise_time(c, res + shared)
+    bwd = bwd + cm.elementwise_time(c, res + shared)
+    tick_extra = TICK_OPS * c.call_overhead + cm.elementwise_time(c, 6 * act)
+    p2p = 2 * collective_time(c, "collective-permute", act, p, groups["pipe"][1])
+  return StageCosts(fwd, bwd, tp_fwd, tp_bwd, tick_extra, p2p, n, t)
+
+
+def _tick_times(sched: schedules.Schedule, costs: StageCosts, speed: np.ndarray, c: Cluster,
+                m: cm.ModelSpec, devices_per_stage: int):
+  """(tick seconds [ticks], compute part [ticks], per-op compute [ticks, stages])."""
+  op = sched.op
+  comp = np.where(op == schedules.FWD, costs.fwd / speed,
+                  np.where(op == schedules.BWD, costs.bwd / speed, 0.0))
+  comm = np.where(op == schedules.FWD, costs.tp_fwd, np.where(op == schedules.BWD, costs.tp_bwd, 0.0))
+  work = comp + costs.tick_extra
+  if c.shared_host:  # every device's work shares the host's cores
+    busy = (op != schedules.IDLE).sum(axis=1) * devices_per_stage
+    speedup = {b: cm.host_speedup(c, m, costs.tokens, int(b), costs.tensor) for b in set(busy.tolist())}
+    g = np.asarray([speedup[b] for b in busy.tolist()])
+    tick_comp = np.maximum(work.sum(axis=1) * devices_per_stage / g, work.max(axis=1))
+    tick = tick_comp + comm.max(axis=1)
+  else:
+    tick_comp = work.max(axis=1)
+    tick = (work + comm).max(axis=1)
+  return tick + costs.p2p, tick_comp, comp
+
+
+def pipeline_seconds(fwd, bwd, schedule: str, microbatches: int) -> float:
+  """Lock-step pipeline time for per-stage forward/backward op seconds (balance.py uses it)."""
+  fwd, bwd = np.asarray(fwd, float), np.asarray(bwd, float)
+  sched = _schedule(schedule, len(fwd), microbatches)
+  cost = np.where(sched.op == schedules.FWD, fwd, np.where(sched.op == schedules.BWD, bwd, 0.0))
+  return float(cost.max(axis=1).sum())
+
+
+@dataclasses.dataclass
+class Result:
+  plan: Plan
+  step_s: float
+  tokens_per_s: float
+  mfu: float
+  memory: dict            # bytes per device by kind, and 'total'
+  fits: bool
+  breakdown: dict         # seconds by part (see simulate)
+  bubble: float           # schedules.bubble_fraction with this plan's stage costs
+  dp_bytes: float         # payload bytes per device per data-parallel reduction
+  stage_layers: tuple
+  events: list = dataclasses.field(default_factory=list)
+
+  def row(self) -> dict:
+    p = self.plan
+    return {"mesh": p.mesh, "schedule": p.schedule if p.pipe > 1 else "-",
+            "microbatches": p.microbatches, "partition": list(self.stage_layers),
+            "remat": p.remat, "compression": p.compression_label(), "step_s": self.step_s,
+            "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+            "memory_gib": self.memory["total"] / 2**30, "fits": self.fits,
+            "bubble": self.bubble, "dp_bytes": self.dp_bytes, "breakdown": self.breakdown}
+
+
+def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> dict:
+  """Bytes per device (the most loaded stage; SPMD gives every stage the same buffers)."""
+  t, p = plan.tensor, plan.pipe
+  params = m.num_layers * cm.block_params(m, t) + cm.shared_params(m, t)
+  width = max(sizes)
+  rows = batch.global_batch // (plan.data * plan.microbatches)
+  n = rows * batch.seq_len
+  act_tok = cm.block_activation_bytes(dataclasses.replace(m, max_len=batch.seq_len), t)
+  one_block = n * act_tok
+  if plan.remat:  # keep block inputs; one block's activations live during its backward
+    per_mb = width * n * m.d_model * m.act_bytes
+    transient = one_block
+  else:
+    per_mb, transient = width * one_block, 0.0
+  out = {"params": 4 * params,
+         "grads": 4 * params + (4 * width * cm.block_params(m, t) if p > 1 else 0.0),
+         "adam": 8 * params,
+         "error_feedback": 4 * params if plan.compression in cm.LOSSY and plan.data > 1 else 0.0}
+  if p > 1:
+    sched = _schedule(plan.schedule, p, plan.microbatches)
+    # residuals per in-flight microbatch: activations and the slots' weight copies
+    per_mb += width * cm.block_params(m, t) * 4
+    out["activations"] = sched.in_flight * per_mb + transient
+    out["pipeline_buffers"] = (sched.act_slots + max(sched.grad_slots, sched.in_flight)) * \
+        n * m.d_model * m.act_bytes
+  else:
+    out["activations"] = per_mb + transient
+    out["pipeline_buffers"] = 0.0
+  out["head"] = n * cm.head_transient_bytes(m, t)
+  out["total"] = float(sum(out.values()))
+  return out
+
+
+def dp_time(c: Cluster, plan: Plan, payload: float, groups: dict) -> float:
+  """Seconds of one data-parallel reduction of `payload` bytes per device."""
+  n, level, per_node = groups["data"]
+  if n <= 1:
+    return 0.0
+  agg = plan.aggregator
+  parts = 2 if plan.compression == "powersgd" else 1  # P then Q: two reductions
+  b = payload / parts
+  if agg == "sparse":  # every device gathers every other's payload: (n - 1) * b received
+    t = collective_time(c, "all-gather", n * b, n, level)
+  elif agg == "ring":  # explicit ring of collective-permutes: 2(n-1) steps of b/n
+    t = 2 * (n - 1) * collective_time(c, "collective-permute", b / n, 2, level)
+  elif agg == "hierarchical" and level == "inter" and per_node > 1:
+    k, nodes = per_node, n // per_node
+    t = (2 * collective_time(c, "all-gather", b, k, "intra")   # reduce-scatter + all-gather
+         + collective_time(c, "all-reduce", b / k, nodes, "inter"))
+  else:
+    t = collective_time(c, "all-reduce", b, n, level)
+  return parts * t
+
+
+def straggler_factor(sigma: float, devices: int, averaged_steps: int = 1) -> float:
+  """Expected slowdown of a step that waits for the slowest of `devices` lognormal(0, sigma)
+  devices: exp(sigma_eff * sqrt(2 ln N)), the Gaussian extreme-value approximation, with
+  sigma_eff = sigma / sqrt(steps) when a device may lag over `averaged_steps` steps."""
+  if sigma <= 0 or devices <= 1:
+    return 1.0
+  return math.exp(sigma / math.sqrt(averaged_steps) * math.sqrt(2 * math.log(devices)))
+
+
+def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bool = False) -> Result:
+  """Predicts one step of `plan`. Breakdown (seconds): pipeline (ticks, bubbles included),
+  compute / tensor_comm / pipe_p2p (their shares of it), bubble_s, pipe_grads (gradient
+  gather over pipe), dp_comm (one reduction), dp_exposed (what the mode and overlap leave
+  on the critical path), compression, optimizer, straggler_s, overhead."""
+  sizes = check_plan(m, batch, c, plan)
+  d_, t, p, mb = plan.data, plan.tensor, plan.pipe, plan.microbatches
+  groups = axis_groups(c, plan)
+  costs = stage_costs(m, batch, c, plan, sizes)
+  mr = dataclasses.replace(m, max_len=batch.seq_len)
+  sched = _schedule(plan.schedule, p, mb)
+  speeds = replica_stage_speeds(c, plan)
+  # Replicas with the same stage speeds take the same time: simulate each kind once.
+  per_replica = []
+  for row in np.unique(speeds, axis=0):
+    ticks, tick_comp, comp = _tick_times(sched, costs, row, c, mr, d_ * t)
+    per_replica.append((float(ticks.sum()), ticks, tick_comp, comp, row))
+  pipe_s, ticks, tick_comp, comp, row = max(per_replica, key=lambda x: x[0])
+  ops = sched.op
+  bubble = schedules.bubble_fraction(sched, costs.fwd / row, costs.bwd / row)
+  tp_s = float(np.where(ops == schedules.FWD, costs.tp_fwd,
+                        np.where(ops == schedules.BWD, costs.tp_bwd, 0.0)).max(axis=1).sum())
+  compute_s = float(tick_comp.sum())
+  p2p_s = costs.p2p * sched.ticks if p > 1 else 0.0
+
+  width = max(sizes)
+  pipe_grads = 0.0
+  if p > 1:
+    lvl = groups["pipe"][1]
+    pipe_grads = (collective_time(c, "all-reduce", 4 * cm.shared_params(m, t), p, lvl)
+                  + collective_time(c, "all-gather", 4 * p * width * cm.block_params(m, t), p, lvl))
+  leaves = cm.grad_leaves(m, t, width if p > 1 else m.num_layers, table_copies=1 if p > 1 else 2)
+  payload = cm.dp_payload_bytes(leaves, plan.compression, plan.ratio, plan.bits, plan.rank) \
+      if d_ > 1 else 0.0
+  dp = dp_time(c, plan, payload, groups)
+  n_dev = c.devices
+  local_params = m.num_layers * cm.block_params(m, t) + cm.shared_params(m, t)
+  opt = cm.optimizer_time(c, local_params)
+  comp_s = 0.0
+  if d_ > 1 and plan.compression != "none":
+    comp_s = cm.compression_time(c, leaves, plan.compression, plan.rank)
+    if plan.aggregator == "sparse":  # scatter-add the n - 1 gathered payloads
+      comp_s += cm.elementwise_time(c, 2 * (d_ - 1) * payload)
+  if c.shared_host:  # every device's optimizer and compression run on the same cores
+    opt, comp_s = opt * n_dev, comp_s * n_dev
+  compute_total = pipe_s + pipe_grads + opt + comp_s
+  if plan.dp_mode == "stale":
+    lag = plan.staleness + 1
+  elif plan.dp_mode == "local_sgd":
+    lag = plan.local_steps
+  else:
+    lag = 1
+  strag = straggler_factor(c.straggler_sigma, n_dev, lag)
+  straggler_s = (strag - 1.0) * (compute_s + opt + comp_s)
+  # What hides the reduction: in 'sync', the backward it can overlap (pipe = 1: GSPMD
+  # reduces each layer's gradients inside the backward loop; pipe > 1: one reduction
+  # after the schedule, nothing to hide behind); in 'stale', the next steps' compute.
+  if plan.dp_mode == "sync":
+    window = float(costs.bwd[0] / row[0]) if p == 1 else 0.0
+    dp_exposed = max(0.0, dp - c.overlap * window)
+  elif plan.dp_mode == "stale":
+    dp_exposed = max(0.0, dp - c.overlap * compute_total)
+  else:  # local SGD: a blocking average of the parameters every H steps
+    dp_exposed = dp / plan.local_steps
+  step = compute_total + straggler_s + dp_exposed + c.step_overhead
+  tokens = batch.global_batch * batch.seq_len
+  mem = memory(m, batch, c, plan, sizes)
+  breakdown = {"pipeline": pipe_s, "compute": compute_s, "tensor_comm": tp_s, "pipe_p2p": p2p_s,
+               "bubble_s": pipe_s * bubble if p > 1 else 0.0, "pipe_grads": pipe_grads,
+               "dp_comm": dp, "dp_exposed": dp_exposed, "compression": comp_s,
+               "optimizer": opt, "straggler_s": straggler_s, "overhead": c.step_overhead}
+  res = Result(plan=plan, step_s=step, tokens_per_s=tokens / step,
+               mfu=cm.model_flops_per_token(m, batch.seq_len) * tokens / (c.total_peak_flops * step),
+               memory=mem, fits=mem["total"] <= 0.9 * c.memory_bytes, breakdown=breakdown,
+               bubble=bubble if p > 1 else 0.0, dp_bytes=payload, stage_layers=tuple(sizes))
+  if timeline:
+    res.events = _timeline(sched, costs, row, ticks, tick_comp, c, breakdown, plan)
+  return res
+
+
+# ---- Chrome trace ----
+
+def _timeline(sched, costs, row, ticks, tick_comp, c, bd, plan) -> list[dict]:
+  """Events (seconds) for one step of the slowest data replica: one track per stage and
+  one per communication stream."""
+  ev = []
+  op = sched.op
+  starts = np.concatenate([[0.0], np.cumsum(ticks)[:-1]])
+  for k in range(sched.ticks):
+    t0 = starts[k]
+    for s in range(sched.stages):
+      kind = int(op[k, s])
+      if kind == schedules.IDLE:
+        continue
+      f = kind == schedules.FWD
+      dur = tick_comp[k] if c.shared_host else (costs.fwd[s] if f else costs.bwd[s]) / row[s]
+      name = ("F" if f else "B") + str(int(sched.mb[k, s]))
+      ev.append(dict(name=name, track=f"stage {s}", ts=t0, dur=float(dur),
+                     args={"microbatch": int(sched.mb[k, s]), "op": "forward" if f else "backward"}))
+      tp = costs.tp_fwd[s] if f else costs.tp_bwd[s]
+      if tp > 0:
+        ev.append(dict(name="tensor all-reduce", track=f"tensor comm {s}", ts=t0 + dur, dur=float(tp)))
+    if costs.p2p > 0:
+      ev.append(dict(name="pipe send/recv", track="pipe p2p", ts=t0 + ticks[k] - costs.p2p,
+                     dur=float(costs.p2p)))
+  t = float(ticks.sum())
+  if bd["pipe_grads"] > 0:
+    ev.append(dict(name="stage grads gather", track="pipe p2p", ts=t, dur=bd["pipe_grads"]))
+    t += bd["pipe_grads"]
+  if bd["compression"] > 0:
+    for s in range(sched.stages):
+      ev.append(dict(name=f"compress ({plan.compression})", track=f"stage {s}", ts=t,
+                     dur=bd["compression"]))
+    t += bd["compression"]
+  if bd["dp_comm"] > 0:
+    hidden = bd["dp_comm"] - bd["dp_exposed"] if plan.dp_mode != "local_sgd" else 0.0
+    ev.append(dict(name=f"data reduction ({plan.aggregator})", track="data comm",
+                   ts=max(0.0, t - hidden), dur=bd["dp_comm"],
+                   args={"exposed_s": bd["dp_exposed"], "mode": plan.dp_mode}))
+    t += bd["dp_exposed"]
+  for s in range(sched.stages):
+    ev.append(dict(name="optimizer", track=f"stage {s}", ts=t, dur=bd["optimizer"]))
+  return ev
+
+
+def chrome_trace(result: Result) -> dict:
+  """Perfetto / chrome://tracing JSON: {"traceEvents": [...]}, times in microseconds, one
+  thread per stage ('compute' process) and per communication stream ('communication')."""
+  tracks = sorted({e["track"] for e in result.events},
+                  key=lambda s: (not s.startswith("stage"), s))
+  tid = {name: i for i, name in enumerate(tracks)}
+  pid = lambda name: 0 if name.startswith("stage") else 1
+  out = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "compute"}},
+         {"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "communication"}}]
+  out += [{"name": "thread_name", "ph": "M", "pid": pid(n), "tid": tid[n], "args": {"name": n}}
+          for n in tracks]
+  for e in result.events:
+    out.append({"name": e["name"], "ph": "X", "ts": round(e["ts"] * 1e6, 3),
+                "dur": round(max(e["dur"], 0.0) * 1e6, 3), "pid": pid(e["track"]),
+                "tid": tid[e["track"]], "args": e.get("args", {})})
+  return {"traceEvents": out, "displayTimeUnit": "ms",
+          "otherData": {"plan": result.plan.mesh, "step_s": result.step_s}}

@@ -1,0 +1,238 @@
+"""The cost model, simulator, partition solver, planner, balancer and plan CLI (no JAX here)."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rec_llm.errors import ConfigError
+from rec_llm.parallel import schedules
+from rec_llm.sim import balance, cluster, cost_model as cm, partition, planner, simulator as sim
+from tests.conftest import ROOT
+
+DEFAULT = cm.ModelSpec(num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=64, num_items=4096)
+LARGE = cm.ModelSpec(num_layers=24, d_model=2048, num_heads=16, mlp_dim=8192, max_len=200,
+                     num_items=2_000_000, dtype="bfloat16")
+
+
+def test_flops_and_params_match_the_model():
+  from rec_llm.models import seq_transformer as st
+  cfg = st.ModelConfig(num_items=4096, num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=64)
+  assert cm.model_flops_per_token(DEFAULT, 64) == st.flops_per_token(cfg, 64)
+  assert cm.count_params(DEFAULT) == st.count_params(cfg)
+  blocks = DEFAULT.num_layers * cm.block_params(DEFAULT) + 2 * DEFAULT.d_model
+  assert blocks == st.count_params(cfg)["blocks"]
+
+
+def test_partition_solver_equals_brute_force():
+  rng = np.random.default_rng(0)
+  for _ in range(120):
+    layers = int(rng.integers(1, 10))
+    stages = int(rng.integers(1, min(layers, 5) + 1))
+    costs = rng.uniform(0.1, 3.0, layers)
+    first, last = rng.uniform(0, 2, 2)
+    speeds = rng.uniform(0.3, 1.0, stages) if rng.random() < 0.6 else None
+    got, t = partition.solve(costs, stages, first, last, speeds)
+    _, want = partition.brute_force(costs, stages, first, last, speeds)
+    assert len(got) == stages and sum(got) == layers and min(got) >= 1
+    assert math.isclose(t, want, rel_tol=1e-12)
+    assert math.isclose(max(partition.stage_times(got, costs, first, last, speeds)), want, rel_tol=1e-12)
+  # a slow stage gets fewer blocks; the head's stage too
+  assert partition.solve([1.0] * 8, 2, speeds=[1.0, 1 / 3])[0] == (6, 2)
+  assert partition.solve([1.0] * 8, 4, last_extra=2.0)[0][-1] < 2
+
+
+def test_planner_1024_devices_under_5s_and_all_fit():
+  c = cluster.preset("h100x128", devices=1024)
+  assert c.devices == 1024 and c.nodes == 128
+  t = time.perf_counter()
+  results, stats = planner.plan(LARGE, sim.Batch(1024, 200), c, top=10)
+  elapsed = time.perf_counter() - t
+  assert elapsed < 5.0, elapsed
+  assert results and stats["considered"] > 100
+  for r in results:
+    p = r.plan
+    assert p.data * p.tensor * p.pipe == 1024 and r.fits
+    assert r.memory["total"] <= c.memory_bytes
+    assert 0 < r.mfu < 1
+  steps = [r.tokens_per_s for r in results]
+  assert steps == sorted(steps, reverse=True)
+
+
+def test_more_data_parallelism_moves_more_dp_bytes():
+  c = cluster.preset("h100x8")
+  batch = sim.Batch(64, 64)
+  runs = [sim.simulate(DEFAULT, batch, c, sim.Plan(data=d, tensor=8 // d)) for d in (2, 4, 8)]
+  dp_bytes = [r.dp_bytes for r in runs]
+  dp_time = [r.breakdown["dp_comm"] for r in runs]
+  assert dp_bytes == sorted(dp_bytes) and len(set(dp_bytes)) == 3
+  assert dp_time == sorted(dp_time) and len(set(dp_time)) == 3
+  assert sim.simulate(DEFAULT, batch, cluster.preset("h100x8", devices=1), sim.Plan()).dp_bytes == 0
+
+
+def test_1f1b_needs_less_memory_than_gpipe():
+  c = cluster.preset("h100x8")
+  for pipe, micro in ((2, 4), (4, 8), (4, 16)):
+    mem = {s: sim.simulate(DEFAULT, sim.Batch(64, 64), c,
+                           sim.Plan(data=8 // pipe, pipe=pipe, schedule=s, microbatches=micro)).memory
+           for s in ("gpipe", "1f1b")}
+    assert mem["1f1b"]["activations"] < mem["gpipe"]["activations"]
+    assert mem["1f1b"]["total"] < mem["gpipe"]["total"]
+
+
+def test_bubble_matches_schedules():
+  c = cluster.preset("h100x8")
+  batch = sim.Batch(64, 64)
+  for kind, pipe, micro in (("gpipe", 4, 8), ("1f1b", 4, 8), ("gpipe", 2, 4), ("1f1b", 8, 8)):
+    plan = sim.Plan(data=8 // pipe, pipe=pipe, schedule=kind, microbatches=micro,
+                    stage_layers=(1,) * pipe if pipe > 4 else ())
+    m = DEFAULT if pipe <= 4 else cm.ModelSpec(**{**DEFAULT.__dict__, "num_layers": 8})
+    r = sim.simulate(m, batch, c, plan)
+    sizes = sim.stage_sizes(m.num_layers, pipe, plan.stage_layers)
+    costs = sim.stage_costs(m, batch, c, plan, sizes)
+    sched = schedules.build(kind, pipe, micro)
+    assert r.bubble == pytest.approx(schedules.bubble_fraction(sched, costs.fwd, costs.bwd))
+    # the simulated lock-step time is the schedule's elapsed time (plus links and slots)
+    ideal = sim.pipeline_seconds(costs.fwd, costs.bwd, kind, micro)
+    busy = micro * (costs.fwd + costs.bwd).sum()
+    assert 1 - busy / (pipe * ideal) == pytest.approx(r.bubble)
+    extra = sched.ticks * (costs.p2p + costs.tick_extra) + sched.ticks * max(costs.tp_fwd.max(), costs.tp_bwd.max())
+    assert ideal <= r.breakdown["pipeline"] <= ideal + extra + 1e-12
+  # uniform stages, GPipe: (M+P-1) ticks of each kind, the textbook bubble (P-1)/(M+P-1)
+  elapsed = sim.pipeline_seconds([1.0] * 4, [2.0] * 4, "gpipe", 8)
+  assert elapsed == (8 + 3) * 3.0
+  assert 1 - 8 * 3.0 * 4 / (4 * elapsed) == pytest.approx(schedules.analytic_bubble(4, 8))
+
+
+def test_compression_lowers_dp_time():
+  c = cluster.preset("h100x128")
+  batch = sim.Batch(1024, 200)
+  base = sim.Plan(data=16, tensor=8, pipe=1)
+  none = sim.simulate(LARGE, batch, c, base)
+  for comp, agg in (("int8", "psum"), ("topk", "sparse"), ("powersgd", "psum"), ("sign", "psum"),
+                    ("qsgd", "psum")):
+    r = sim.simulate(LARGE, batch, c, sim.Plan(data=16, tensor=8, compression=comp, aggregator=agg))
+    assert r.breakdown["dp_comm"] < none.breakdown["dp_comm"], comp
+    assert r.dp_bytes < none.dp_bytes and r.breakdown["compression"] > 0
+  # 8 data replicas per node: hierarchical (NVLink inside, InfiniBand across) beats a flat ring
+  m = cm.ModelSpec(**{**LARGE.__dict__, "num_layers": 2, "num_items": 10_000})
+  flat = sim.simulate(m, sim.Batch(1024, 200), c, sim.Plan(data=128))
+  hier = sim.simulate(m, sim.Batch(1024, 200), c, sim.Plan(data=128, aggregator="hierarchical"))
+  assert hier.breakdown["dp_comm"] < flat.breakdown["dp_comm"] / 4
+  # payload formulas
+  leaves = [(1000, 100), (100,)]
+  n = 100_100
+  assert cm.dp_payload_bytes(leaves, "none") == 4 * n
+  assert cm.dp_payload_bytes(leaves, "int8") == n + 4 * (math.ceil(100_000 / 256) + 1)
+  assert cm.dp_payload_bytes(leaves, "topk", ratio=0.01) == 4 * (1000 + 1)
+  assert cm.dp_payload_bytes(leaves, "powersgd", rank=4) == 4 * 4 * 1100 + 400
+  # asynchrony: stale hides the reduction behind compute, local SGD divides it by H
+  stale = sim.simulate(LARGE, batch, c, sim.Plan(data=16, tensor=8, dp_mode="stale"))
+  local = sim.simulate(LARGE, batch, c, sim.Plan(data=16, tensor=8, dp_mode="local_sgd", local_steps=4))
+  assert stale.breakdown["dp_exposed"] <= none.breakdown["dp_exposed"]
+  assert local.breakdown["dp_exposed"] == pytest.approx(none.breakdown["dp_comm"] / 4)
+  assert stale.breakdown["straggler_s"] < none.breakdown["straggler_s"]
+
+
+def test_heterogeneous_cluster_and_balance():
+  c = cluster.preset("mixed_a100_h100")
+  batch = sim.Batch(256, 200)
+  m = cm.ModelSpec(**{**LARGE.__dict__, "num_layers": 8, "num_items": 100_000})
+  # 2 stages: stage 0 on A100 nodes (data=1: devices 0-15), stage 1 on H100s
+  plan = sim.Plan(data=1, tensor=16, pipe=2, microbatches=4)
+  with pytest.raises(ConfigError, match="tensor=32 must divide"):
+    sim.simulate(m, batch, c, dataclasses_replace(plan, tensor=32, pipe=1))
+  base = sim.Plan(data=2, tensor=8, pipe=2, microbatches=4, schedule="1f1b")
+  speeds = sim.replica_stage_speeds(c, base)
+  assert speeds[0, 0] < speeds[1, 1]  # the first replica's stages sit on A100s
+  best = planner.balanced_stages(m, batch, c, dataclasses_replace(base, data=1, tensor=8, pipe=4))
+  assert best[0] + best[1] < best[2] + best[3]  # A100 stages take fewer blocks
+  # balance: a stage measured 3x slower than predicted loses blocks, if it pays
+  costs = [1.0] * 8
+  new, why = balance.decide((2, 2, 2, 2), [2.0, 6.0, 2.0, 2.0], layer_costs=costs,
+                            schedule="1f1b", microbatches=8, remaining_steps=1000,
+                            bytes_per_layer=1e9, bandwidth=1e10, fixed_cost_s=5.0)
+  assert why["rebalance"] and new[1] < 2 and sum(new) == 8
+  json.dumps(why)
+  same, why = balance.decide((2, 2, 2, 2), [2.0, 6.0, 2.0, 2.0], layer_costs=costs,
+                             schedule="1f1b", microbatches=8, remaining_steps=3,
+                             bytes_per_layer=1e12, bandwidth=1e10, fixed_cost_s=5.0)
+  assert not why["rebalance"] and same == (2, 2, 2, 2) and "does not pay" in why["reason"]
+  _, why = balance.decide((2, 2, 2, 2), [2.0, 2.05, 2.0, 2.0], layer_costs=costs,
+                          remaining_steps=10**6, bytes_per_layer=0, bandwidth=1.0)
+  assert not why["rebalance"]
+
+
+def dataclasses_replace(plan, **kw):
+  import dataclasses
+  return dataclasses.replace(plan, **kw)
+
+
+def test_chrome_trace_is_valid(tmp_path):
+  c = cluster.preset("h100x8")
+  plan = sim.Plan(data=2, tensor=2, pipe=2, schedule="1f1b", microbatches=4)
+  r = sim.simulate(DEFAULT, sim.Batch(64, 64), c, plan, timeline=True)
+  trace = json.loads(json.dumps(sim.chrome_trace(r)))
+  events = trace["traceEvents"]
+  spans = [e for e in events if e["ph"] == "X"]
+  assert len(spans) > 2 * 4 * 2
+  for e in spans:
+    assert set(e) >= {"name", "ph", "ts", "dur", "pid", "tid"}
+    assert isinstance(e["name"], str) and isinstance(e["pid"], int) and isinstance(e["tid"], int)
+    assert e["ts"] >= 0 and e["dur"] >= 0
+    assert e["ts"] + e["dur"] <= r.step_s * 1e6 * 1.0001 + 1
+  names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+  assert {"stage 0", "stage 1", "pipe p2p", "data comm"} <= names
+  assert any(n.startswith("tensor comm") for n in names)
+  assert sum(e["name"].startswith("F") for e in spans) == 2 * 4
+
+
+def test_this_machine_preset_and_errors():
+  c = cluster.preset("this_machine")
+  assert c.devices == 8 and c.shared_host
+  assert cluster.preset("this_machine", processes=2).nodes == 2
+  with pytest.raises(ConfigError, match="unknown cluster preset 'dgx'"):
+    cluster.preset("dgx")
+  with pytest.raises(ConfigError, match="whole nodes of 8"):
+    cluster.preset("h100x8", devices=12)
+  with pytest.raises(ConfigError, match="calibration file describes this machine"):
+    cluster.preset("h100x8", calibration="x.json")
+  with pytest.raises(ConfigError, match="cannot read the calibration file"):
+    cluster.preset("this_machine", calibration="/nonexistent/cal.json")
+  r = sim.simulate(DEFAULT, sim.Batch(64, 64), c, sim.Plan(data=4, tensor=2))
+  assert r.step_s > 0 and r.fits
+
+
+_CLI_DRIVER = """
+import sys
+from experiments import plan as cli
+for argv in (["plan", "--config=experiments/configs/default.py", "--cluster=nope"],
+             ["plan", "--config=experiments/configs/default.py", "--cluster=this_machine",
+              "--top=3", "--trace=" + sys.argv[1]]):
+  cli.parse_flags(argv)
+  try:
+    cli.main(argv[:1])
+    print("[exit 0]", flush=True)
+  except SystemExit as e:
+    print(f"[exit {e.code}]", flush=True)
+"""
+
+
+def test_plan_cli(tmp_path):
+  """One subprocess runs the CLI's parse + main twice: a bad preset, then a good run."""
+  trace = tmp_path / "trace.json"
+  p = subprocess.run([sys.executable, "-c", _CLI_DRIVER, str(trace)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=60)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "Traceback" not in p.stderr
+  out = p.stdout.splitlines()
+  assert out[0] == "[exit 2]" and out[-1] == "[exit 0]", p.stdout
+  errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "unknown cluster preset 'nope'" in errors[0], p.stderr
+  rows = [l for l in out if l.strip()[:2].strip().isdigit()]
+  assert len(rows) == 3 and "x" in rows[0].split()[1]
+  assert json.loads(trace.read_text())["traceEvents"]
