@@ -120,3 +120,23 @@ def test_short_window_equals_left_padded_full_window():
 def nn_unbox(tree):
   import flax.linen as nn
   return nn.meta.unbox(tree)
+
+
+def test_cosine_scores_match_reference_and_shard():
+  """model.temperature > 0: scores are cos(hidden, item) / t, the same on 1 and 4x2 devices."""
+  c = tiny_config(data=1, tensor=1)
+  c.model.temperature = 0.1
+  run1 = trainer.build(c, jax.devices()[:1])
+  batch = run1.batches(0)
+  hidden, table = jax.jit(lambda p, x: run1.model.apply({"params": p}, x))(
+      run1.state.params, batch["inputs"])
+  scores = np.asarray(hidden @ table.T)
+  assert np.abs(scores).max() <= 1 / 0.1 + 1e-4  # |cos| <= 1
+  c8 = tiny_config(data=4, tensor=2)
+  c8.model.temperature = 0.1
+  run8 = trainer.build(c8)
+  losses = []
+  for run in (run1, run8):
+    state, m = run.compile()(run.state, run.batches(0))
+    losses.append(float(m["loss"]))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

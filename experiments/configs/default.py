@@ -33,6 +33,11 @@ def get_config(arg=None):
       aggregator="psum", group=0,
       compression=ml_collections.ConfigDict(dict(kind="none", ratio=0.01, bits=8, rank=4,
                                                  momentum=0.0))))
+  # Adaptive load balancing of pipeline stages (mesh.pipe > 1): every `every_steps` steps,
+  # measure block / embedding / head costs and re-partition the blocks when the predicted
+  # saving over the remaining steps beats fixed_cost_s (-1: the measured compile time).
+  c.balance = ml_collections.ConfigDict(dict(adaptive=False, every_steps=100, min_gain=0.05,
+                                             repeats=5, fixed_cost_s=-1.0))
   c.data = ml_collections.ConfigDict(dict(name="synthetic", num_items=4096, zipf_a=1.1, p_follow=0.8))
   c.train = ml_collections.ConfigDict(dict(
       steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=30, end_lr_fraction=0.1,

@@ -58,6 +58,13 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   check_pipeline(config, data, pipe)
   check_dp(config, data, pipe)
+  bal = config.get("balance")
+  if bal is not None and bal.get("adaptive") and pipe > 1:
+    if bal.get("every_steps", 0) < 1:
+      raise ConfigError(f"balance.every_steps={bal.every_steps} must be >= 1 with balance.adaptive")
+    if m.num_layers < 3:
+      raise ConfigError(f"balance.adaptive measures block costs on 3 stages and needs "
+                        f"model.num_layers >= 3, got {m.num_layers}")
   warmup = config.train.get("warmup_steps", 0)
   if not 0 <= warmup <= config.train.steps:
     raise ConfigError(f"train.warmup_steps={warmup} must be between 0 and train.steps={config.train.steps}")

@@ -20,7 +20,7 @@ from rec_llm.eval.ranking import Evaluator
 from rec_llm.models.seq_transformer import ModelConfig, SeqTransformer, count_params, flops_per_token
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import sharding
-from rec_llm.train import checkpoint, config_check, dp_step, optimizer, throughput
+from rec_llm.train import adaptive, checkpoint, config_check, dp_step, optimizer, throughput
 from rec_llm.train.metric_writer import MetricWriter
 from rec_llm.train.step import (TrainState, init_state, loss_fn,
                                 make_pipelined_value_and_grad, make_train_step)
@@ -186,6 +186,7 @@ def train(config: ConfigDict, workdir: str | None = None,
   start = int(to_host(state.step))
   t0 = time.perf_counter()
   step_fn = run.compile(state)
+  compile_s = time.perf_counter() - t0
   logging.info("mesh %s | data %s (%d items) | params: %s | compiled in %.1fs",
                mesh_lib.describe(run.mesh), run.source.name, mc.num_items,
                {k: f"{v:,}" for k, v in count_params(mc).items()}, time.perf_counter() - t0)
@@ -200,6 +201,9 @@ def train(config: ConfigDict, workdir: str | None = None,
   eval_every = int(config.get("eval", {}).get("every_steps", 0)) if evaluator else 0
   ck_every = int(ck_cfg.get("every_steps", 0))
   stop_on_nonfinite = tc.get("nonfinite", "skip") == "stop"
+  bal = config.get("balance")
+  balance_every = (int(bal.get("every_steps", 0)) if bal is not None and bal.get("adaptive")
+                   and run.mesh.shape["pipe"] > 1 else 0)
   spe = run.source.steps_per_epoch
 
   writer, history = MetricWriter(workdir), []
@@ -234,6 +238,26 @@ def train(config: ConfigDict, workdir: str | None = None,
       logging.warning("%s (train.nonfinite='skip')", msg)
       skipped_seen = skipped
 
+  def rebalance(done, batch):
+    """Re-partitions the stages if measured costs say it pays; returns the new step."""
+    nonlocal run, compile_s
+    new, reason = adaptive.decide(run, state, batch, tc.steps - done, compile_s)
+    rec = {"step": done, "balance": reason, "balance/rebalanced": int(reason["rebalance"])}
+    if reason["rebalance"]:
+      cfg = run.config.copy_and_resolve_references()
+      cfg.pipeline.stage_layers = new
+      t = time.perf_counter()
+      run = build(cfg, devices, init=False)
+      compiled = run.compile(state)
+      compile_s = time.perf_counter() - t
+      after = adaptive.measure_stage_times(run, state, batch, new)
+      rec.update({"balance/imbalance_before": adaptive.imbalance(reason["predicted_stage_s"]),
+                  "balance/imbalance_after": adaptive.imbalance(after),
+                  "balance/stage_s_after": after})
+    logging.info("step %d balance: %s", done, reason["reason"])
+    log(rec)
+    return compiled if reason["rebalance"] else None
+
   def save(done):
     check_finite(done, int(to_host(state.skipped)))  # refuse to save after a bad step
     ckpt.save(done, state, {"step": done, "data_position": done, "elapsed_s": elapsed(),
@@ -263,6 +287,9 @@ def train(config: ConfigDict, workdir: str | None = None,
                      f"{rec['tokens_per_s']:,.0f}", 100 * rec["mfu"], eta)
         log(rec)
         last_logged, t_last, win_tokens, win_flops = done, time.perf_counter(), 0, 0
+      if balance_every and done % balance_every == 0 and done != tc.steps:
+        step_fn = rebalance(done, batch) or step_fn
+        t_last, win_tokens, win_flops = time.perf_counter(), 0, 0
       if evaluator and eval_every and done % eval_every == 0 and done != tc.steps:
         evaluate(done, ["val"])
         t_last, win_tokens, win_flops = time.perf_counter(), 0, 0

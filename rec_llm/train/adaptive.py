@@ -1,0 +1,96 @@
+"""Adaptive load balancing of pipeline stages from measured costs (`balance` config).
+
+Every `balance.every_steps` steps the trainer measures, on one device and with the live
+parameters and a real microbatch, the forward + backward time of one block, of the
+embedding and of the item head; rec_llm.sim.balance decides whether re-partitioning the
+blocks pays (predicted saving over the remaining steps > a recompile), and if so the trainer
+recompiles its step for the new `pipeline.stage_layers`. Parameters stay in the canonical
+[L, ...] layout (rec_llm/parallel/pipeline.py), so the live state moves as it is: no
+restart, no lost step, and the numbers are those of any other partition.
+"""
+
+import time
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from rec_llm.parallel import pipeline
+from rec_llm.sim import balance, partition
+from rec_llm.train import config_check
+from rec_llm.train.step import stage_fns
+
+
+def _one_device(run, state, batch):
+  """Params and one microbatch on the first device; the stage functions."""
+  dev = jax.devices()[0]
+  params = jax.device_put(jax.device_get(state.params), dev)
+  p = config_check.pipeline_config(run.config)
+  rows = run.config.train.batch_size // (run.mesh.shape["data"] * p["microbatches"])
+  mb = {k: jax.device_put(np.asarray(jax.device_get(v))[:rows], dev) for k, v in batch.items()}
+  shared = {k: v for k, v in params.items() if k != "blocks"}
+  return stage_fns(run.model_cfg, run.model_cfg.num_items + 1), params["blocks"], shared, mb, p
+
+
+def measure_stage_times(run, state, batch, sizes, repeats: int = 5) -> list[float]:
+  """Each stage's forward + backward seconds for one microbatch under partition `sizes`."""
+  fns, blocks, shared, mb, p = _one_device(run, state, batch)
+  return pipeline.measure_stage_times(fns, blocks, shared, mb, tuple(sizes), remat=p["remat"],
+                                      repeats=repeats)
+
+
+def measure_costs(run, state, batch, repeats: int = 5) -> dict:
+  """Forward + backward seconds of one block, of the embedding and of the item head (final
+  norm + softmax cross-entropy) for one microbatch, each timed on its own."""
+  fns, blocks, shared, mb, p = _one_device(run, state, batch)
+  layer = jax.checkpoint(fns.layer) if p["remat"] else fns.layer
+  one = jax.tree.map(lambda a: a[0], blocks)
+  x = fns.first(shared, mb)
+  parts = {
+      "embed_s": (jax.jit(jax.grad(lambda sh: fns.first(sh, mb).sum())), (shared,)),
+      "block_s": (jax.jit(jax.grad(lambda lp, x: layer(lp, x, mb).sum(), argnums=(0, 1))),
+                  (one, x)),
+      "head_s": (jax.jit(jax.grad(lambda sh, x: fns.last(sh, x, mb)[0], argnums=(0, 1))),
+                 (shared, x)),
+  }
+  out = {}
+  for name, (fn, args) in parts.items():
+    jax.block_until_ready(fn(*args))  # compile / warm up
+    runs = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      runs.append(time.perf_counter() - t)
+    out[name] = float(np.median(runs))
+  return out
+
+
+def current_partition(config: ConfigDict, num_layers: int, stages: int) -> tuple[int, ...]:
+  return pipeline.stage_sizes(num_layers, stages,
+                              config_check.pipeline_config(config)["stage_layers"])
+
+
+def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple[tuple, dict]:
+  """(stage_layers to use, the decision record to log)."""
+  t = time.perf_counter()
+  cfg = run.config
+  layers, stages = run.model_cfg.num_layers, run.mesh.shape["pipe"]
+  costs = measure_costs(run, state, batch, int(cfg.balance.get("repeats", 5)))
+  part = current_partition(cfg, layers, stages)
+  block_costs = [costs["block_s"]] * layers
+  now = partition.stage_times(part, block_costs, costs["embed_s"], costs["head_s"])
+  p = config_check.pipeline_config(cfg)
+  new, reason = balance.decide(
+      part, now, layer_costs=block_costs, first_extra=costs["embed_s"],
+      last_extra=costs["head_s"], schedule=p["schedule"], microbatches=p["microbatches"],
+      remaining_steps=remaining_steps, bytes_per_layer=0.0, bandwidth=1.0,
+      fixed_cost_s=float(cfg.balance.get("fixed_cost_s", -1)) if cfg.balance.get(
+          "fixed_cost_s", -1) >= 0 else recompile_s, min_gain=float(cfg.balance.get("min_gain", 0.05)))
+  reason.update(costs, predicted_stage_s=list(now), measure_s=time.perf_counter() - t)
+  return tuple(new), reason
+
+
+def imbalance(stage_s) -> float:
+  """max / mean of the stages' times (1.0: perfectly balanced)."""
+  s = np.asarray(stage_s, float)
+  return float(s.max() / s.mean())
