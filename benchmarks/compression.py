@@ -19,6 +19,7 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
+import json
 import statistics
 import time
 
@@ -47,6 +48,7 @@ _STEPS = flags.DEFINE_integer("steps", 400, "Training steps per point.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 50, "Window length (200 is the quality config's).")
 _POINTS = flags.DEFINE_list("points", list(POINTS), "Which points, in order.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/compression.json", "Output JSON path.")
+_MERGE = flags.DEFINE_bool("merge", False, "Keep the other points already in --out (rerun some).")
 
 
 def point_config(name: str, data: str, steps: int, max_len: int):
@@ -102,8 +104,12 @@ def run_point(name: str) -> dict:
 def main(argv):
   del argv
   results = []
+  if _MERGE.value and os.path.exists(_OUT.value):
+    with open(_OUT.value) as f:
+      results = [r for r in json.load(f)["results"] if r["point"] not in _POINTS.value]
   for name in _POINTS.value:
-    results.append(run_point(name))
+    results.append({**run_point(name), "git_commit": common.provenance()["git_commit"]})
+    results.sort(key=lambda r: list(POINTS).index(r["point"]))
     dense = next((r for r in results if r["point"] == "dense"), None)
     for r in results:
       if dense:

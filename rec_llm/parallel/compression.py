@@ -27,7 +27,7 @@ is lost, only delayed; the invariant is new_residual + sent == grad + old_residu
   (chunks of 256), unbiased; randomness per replica and step. No error feedback.
 - 'int8': round to nearest of x / (max|chunk| / 127), chunks of 256; error feedback.
 - 'sign': sign(x) * mean|chunk|, chunks of 1,024, bits packed 8 to a byte; error feedback.
-- 'powersgd' (rank): per leaf reshaped to [first dim, rest]: P = M Q, mean P, orthonormalise,
+- 'powersgd' (rank): per leaf reshaped to its most square [leading dims, trailing dims]: P = M Q, mean P, orthonormalise,
   Q = M^T P, mean Q, approximation P Q^T (one power step, Q warm-started from the previous
   step); leaves with ndim < 2 or fewer than 4,096 entries go dense. Error feedback.
 
@@ -144,7 +144,10 @@ def _powersgd_layout(shape, rank: int):
   size = math.prod(shape)
   if len(shape) < 2 or size < POWERSGD_MIN_SIZE:
     return None
-  a = shape[0]
+  # The most square [rows, cols] view (split between leading and trailing dims): a stacked
+  # [layers, ...] kernel seen as [layers, rest] would barely compress.
+  cut = min(range(1, len(shape)), key=lambda k: abs(math.log(math.prod(shape[:k]) / math.prod(shape[k:]))))
+  a = math.prod(shape[:cut])
   b = size // a
   return a, b, min(rank, a, b)
 
