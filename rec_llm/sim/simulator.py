@@ -199,8 +199,7 @@ def _tick_times(sched: schedules.Schedule, costs: StageCosts, speed: np.ndarray,
   work = comp + costs.tick_extra
   if c.shared_host:  # every device's work shares the host's cores
     busy = (op != schedules.IDLE).sum(axis=1) * devices_per_stage
-    speedup = {b: cm.host_speedup(c, m, costs.tokens, int(b), costs.tensor) for b in set(busy.tolist())}
-    g = np.asarray([speedup[b] for b in busy.tolist()])
+    g = np.where(busy > 1, cm.host_speedup(c, 2), 1.0)
     tick_comp = np.maximum(work.sum(axis=1) * devices_per_stage / g, work.max(axis=1))
     tick = tick_comp + comm.max(axis=1)
   else:
@@ -348,7 +347,8 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
     if plan.aggregator == "sparse":  # scatter-add the n - 1 gathered payloads
       comp_s += cm.elementwise_time(c, 2 * (d_ - 1) * payload)
   if c.shared_host:  # every device's optimizer and compression run on the same cores
-    opt, comp_s = opt * n_dev, comp_s * n_dev
+    g = cm.host_speedup(c, n_dev)
+    opt, comp_s = max(opt * n_dev / g, opt), max(comp_s * n_dev / g, comp_s)
   compute_total = pipe_s + pipe_grads + opt + comp_s
   if plan.dp_mode == "stale":
     lag = plan.staleness + 1
