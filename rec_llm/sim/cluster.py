@@ -119,12 +119,12 @@ _A100_OVER_H100 = 312.0 / 989.0
 # figures from the same measurements stand in (no component tables: a plain roofline).
 DEFAULT_CALIBRATION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "this_machine.json")
 THIS_MACHINE_DEFAULTS = dict(
-    matmul_flops=1.9e11, memory_bandwidth=5e9, host_speedup=1.0, call_overhead_s=5e-8,
-    step_overhead_s=1e-4, optimizer_s_per_param=2e-9, host_memory_bytes=24 * GIB,
-    collectives={"all-reduce": (3e-5, 1.6e9), "all-gather": (3e-5, 2e9),
-                 "collective-permute": (1e-4, 1.7e9), "all-to-all": (3e-5, 1e9)},
-    inter_collectives={"all-reduce": (3e-3, 3e8), "all-gather": (1e-3, 8e8),
-                       "collective-permute": (5e-4, 6e8), "all-to-all": (1e-3, 7e8)})
+    matmul_flops=1.9e11, memory_bandwidth=8e9, host_speedup=1.1, call_overhead_s=4e-8,
+    step_overhead_s=2e-4, optimizer_s_per_param=1.4e-9, host_memory_bytes=24 * GIB,
+    collectives={"all-reduce": (7e-5, 1.5e9), "all-gather": (5e-5, 3e9),
+                 "collective-permute": (1.1e-4, 1.9e9), "all-to-all": (7e-5, 1.3e9)},
+    inter_collectives={"all-reduce": (2e-3, 4e8), "all-gather": (1e-3, 1e9),
+                       "collective-permute": (2e-4, 9e8), "all-to-all": (3e-4, 7e8)})
 
 PRESETS = ("this_machine", "h100x8", "h100x128", "mixed_a100_h100")
 
