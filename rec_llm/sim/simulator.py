@@ -190,7 +190,7 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
 
 
 def _tick_times(sched: schedules.Schedule, costs: StageCosts, speed: np.ndarray, c: Cluster,
-                m: cm.ModelSpec, devices_per_stage: int):
+                devices_per_stage: int):
   """(tick seconds [ticks], compute part [ticks], per-op compute [ticks, stages])."""
   op = sched.op
   comp = np.where(op == schedules.FWD, costs.fwd / speed,
@@ -312,13 +312,12 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   d_, t, p, mb = plan.data, plan.tensor, plan.pipe, plan.microbatches
   groups = axis_groups(c, plan)
   costs = stage_costs(m, batch, c, plan, sizes)
-  mr = dataclasses.replace(m, max_len=batch.seq_len)
   sched = _schedule(plan.schedule, p, mb)
   speeds = replica_stage_speeds(c, plan)
   # Replicas with the same stage speeds take the same time: simulate each kind once.
   per_replica = []
   for row in np.unique(speeds, axis=0):
-    ticks, tick_comp, comp = _tick_times(sched, costs, row, c, mr, d_ * t)
+    ticks, tick_comp, comp = _tick_times(sched, costs, row, c, d_ * t)
     per_replica.append((float(ticks.sum()), ticks, tick_comp, comp, row))
   pipe_s, ticks, tick_comp, comp, row = max(per_replica, key=lambda x: x[0])
   ops = sched.op
