@@ -267,6 +267,8 @@ def main(argv):
   del jax
   common.write(_OUT.value, {"benchmark": "sim_calibration", "config": base.to_dict(),
                             "calibration": cal, **report(cal, base, measured)})
+  if os.path.exists(_OUT.value + ".partial"):
+    os.remove(_OUT.value + ".partial")
 
 
 if __name__ == "__main__":

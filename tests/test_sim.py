@@ -1,5 +1,6 @@
-"""The cost model, simulator, partition solver, planner, balancer and plan CLI (no JAX here)."""
+"""The cost model, simulator, partition solver, planner, balancer and plan CLI."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -145,11 +146,11 @@ def test_heterogeneous_cluster_and_balance():
   # 2 stages: stage 0 on A100 nodes (data=1: devices 0-15), stage 1 on H100s
   plan = sim.Plan(data=1, tensor=16, pipe=2, microbatches=4)
   with pytest.raises(ConfigError, match="tensor=32 must divide"):
-    sim.simulate(m, batch, c, dataclasses_replace(plan, tensor=32, pipe=1))
+    sim.simulate(m, batch, c, dataclasses.replace(plan, tensor=32, pipe=1))
   base = sim.Plan(data=2, tensor=8, pipe=2, microbatches=4, schedule="1f1b")
   speeds = sim.replica_stage_speeds(c, base)
   assert speeds[0, 0] < speeds[1, 1]  # the first replica's stages sit on A100s
-  best = planner.balanced_stages(m, batch, c, dataclasses_replace(base, data=1, tensor=8, pipe=4))
+  best = planner.balanced_stages(m, batch, c, dataclasses.replace(base, data=1, tensor=8, pipe=4))
   assert best[0] + best[1] < best[2] + best[3]  # A100 stages take fewer blocks
   # balance: a stage measured 3x slower than predicted loses blocks, if it pays
   costs = [1.0] * 8
@@ -165,11 +166,6 @@ def test_heterogeneous_cluster_and_balance():
   _, why = balance.decide((2, 2, 2, 2), [2.0, 2.05, 2.0, 2.0], layer_costs=costs,
                           remaining_steps=10**6, bytes_per_layer=0, bandwidth=1.0)
   assert not why["rebalance"]
-
-
-def dataclasses_replace(plan, **kw):
-  import dataclasses
-  return dataclasses.replace(plan, **kw)
 
 
 def test_chrome_trace_is_valid(tmp_path):
@@ -205,6 +201,15 @@ def test_this_machine_preset_and_errors():
     cluster.preset("this_machine", calibration="/nonexistent/cal.json")
   r = sim.simulate(DEFAULT, sim.Batch(64, 64), c, sim.Plan(data=4, tensor=2))
   assert r.step_s > 0 and r.fits
+
+
+def test_alpha_beta_fit():
+  from rec_llm.sim import measure
+  sizes = [2**16, 2**19, 2**22]
+  alpha, beta = measure.fit_alpha_beta(sizes, [1e-4 + b / 2e9 for b in sizes])
+  assert alpha == pytest.approx(1e-4) and beta == pytest.approx(2e9)
+  alpha, beta = measure.fit_alpha_beta(sizes, [b / 1e9 - 1e-6 for b in sizes])  # alpha < 0
+  assert alpha == 0.0 and beta == pytest.approx(1e9, rel=0.01)
 
 
 _CLI_DRIVER = """

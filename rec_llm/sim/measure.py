@@ -2,7 +2,8 @@
 
 Measured (each the median of `repeats` timed runs after a warm-up):
 - `matmul_flops`: a float32 n^3 matmul on one device (the peak the cost model scales by);
-  `memory_bandwidth`: an element-wise pass over 32 MiB.
+  `memory_bandwidth`: an element-wise pass over 32 MiB; `memory_bandwidth_all_devices`:
+  the same on every device at once (what virtual devices sharing a host get together).
 - `components`: forward and backward of one block, forward + backward of the embedding and
   of the item head (final norm + vocab-parallel softmax cross-entropy + loss), on one
   device, for several row counts and for each tensor split's shard (see `components`).
@@ -63,8 +64,18 @@ def matmul_flops(device, n: int = 1024, repeats: int = 7) -> float:
 
 
 def memory_bandwidth(device, mib: int = 32, repeats: int = 7) -> float:
+  """Bytes/s of an element-wise pass (read + write) over `mib` MiB on one device."""
   x = jax.device_put(jnp.ones((mib * 2**18,), jnp.float32), device)
   return 2 * x.nbytes / time_call(jax.jit(lambda x: x * 1.5 + 1.0), x, repeats=repeats)
+
+
+def memory_bandwidth_all(devices=None, mib: int = 16, repeats: int = 7) -> float:
+  """The same pass on every device at once (`mib` MiB each): the host's total bandwidth."""
+  devices = list(devices or jax.devices())
+  mesh = Mesh(np.asarray(devices), ("x",))
+  x = _global_zeros((len(devices) * mib * 2**18,), NamedSharding(mesh, P("x")))
+  f = jax.jit(jax.shard_map(lambda x: x * 1.5 + 1.0, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+  return 2 * x.nbytes / time_call(f, x, repeats=repeats)
 
 
 def _model_cfg(model: dict) -> st.ModelConfig:
@@ -342,6 +353,7 @@ def calibrate(model: dict, rows=(1, 4, 16, 64), groups=(2, 4, 8),
       "kind": "rec_llm.sim calibration", "device_kind": dev.device_kind, "platform": dev.platform,
       "num_devices": jax.device_count(), "processes": jax.process_count(),
       "matmul_flops": matmul_flops(dev), "memory_bandwidth": memory_bandwidth(dev),
+      "memory_bandwidth_all_devices": memory_bandwidth_all(),
       "components": components(model, rows, device=dev, repeats=repeats),
       "host_speedup_measured": host_speedup(model, repeats=repeats) if dev.platform == "cpu" else None,
       "optimizer_s_per_param": optimizer_s_per_param(dev, repeats=repeats),

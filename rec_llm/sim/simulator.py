@@ -190,7 +190,7 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
 
 
 def _tick_times(sched: schedules.Schedule, costs: StageCosts, speed: np.ndarray, c: Cluster,
-                m: cm.ModelSpec, devices_per_stage: int):
+                devices_per_stage: int):
   """(tick seconds [ticks], compute part [ticks], per-op compute [ticks, stages])."""
   op = sched.op
   comp = np.where(op == schedules.FWD, costs.fwd / speed,
@@ -199,8 +199,7 @@ def _tick_times(sched: schedules.Schedule, costs: StageCosts, speed: np.ndarray,
   work = comp + costs.tick_extra
   if c.shared_host:  # every device's work shares the host's cores
     busy = (op != schedules.IDLE).sum(axis=1) * devices_per_stage
-    speedup = {b: cm.host_speedup(c, m, costs.tokens, int(b), costs.tensor) for b in set(busy.tolist())}
-    g = np.asarray([speedup[b] for b in busy.tolist()])
+    g = np.where(busy > 1, cm.host_speedup(c, 2), 1.0)
     tick_comp = np.maximum(work.sum(axis=1) * devices_per_stage / g, work.max(axis=1))
     tick = tick_comp + comm.max(axis=1)
   else:
@@ -313,13 +312,12 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   d_, t, p, mb = plan.data, plan.tensor, plan.pipe, plan.microbatches
   groups = axis_groups(c, plan)
   costs = stage_costs(m, batch, c, plan, sizes)
-  mr = dataclasses.replace(m, max_len=batch.seq_len)
   sched = _schedule(plan.schedule, p, mb)
   speeds = replica_stage_speeds(c, plan)
   # Replicas with the same stage speeds take the same time: simulate each kind once.
   per_replica = []
   for row in np.unique(speeds, axis=0):
-    ticks, tick_comp, comp = _tick_times(sched, costs, row, c, mr, d_ * t)
+    ticks, tick_comp, comp = _tick_times(sched, costs, row, c, d_ * t)
     per_replica.append((float(ticks.sum()), ticks, tick_comp, comp, row))
   pipe_s, ticks, tick_comp, comp, row = max(per_replica, key=lambda x: x[0])
   ops = sched.op
@@ -348,7 +346,8 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
     if plan.aggregator == "sparse":  # scatter-add the n - 1 gathered payloads
       comp_s += cm.elementwise_time(c, 2 * (d_ - 1) * payload)
   if c.shared_host:  # every device's optimizer and compression run on the same cores
-    opt, comp_s = opt * n_dev, comp_s * n_dev
+    g = cm.host_speedup(c, n_dev)
+    opt, comp_s = max(opt * n_dev / g, opt), max(comp_s * n_dev / g, comp_s)
   compute_total = pipe_s + pipe_grads + opt + comp_s
   if plan.dp_mode == "stale":
     lag = plan.staleness + 1
