@@ -250,10 +250,11 @@ def train(config: ConfigDict, workdir: str | None = None,
       run = build(cfg, devices, init=False)
       compiled = run.compile(state)
       compile_s = time.perf_counter() - t
-      after = adaptive.measure_stage_times(run, state, batch, new)
-      rec.update({"balance/imbalance_before": adaptive.imbalance(reason["predicted_stage_s"]),
+      before, after = (adaptive.measure_stage_times(run, state, batch, p)
+                       for p in (reason["current"], new))
+      rec.update({"balance/imbalance_before": adaptive.imbalance(before),
                   "balance/imbalance_after": adaptive.imbalance(after),
-                  "balance/stage_s_after": after})
+                  "balance/stage_s_before": before, "balance/stage_s_after": after})
     logging.info("step %d balance: %s", done, reason["reason"])
     log(rec)
     return compiled if reason["rebalance"] else None
