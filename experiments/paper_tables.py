@@ -387,7 +387,7 @@ def dp_modes_section(rows, comp, note) -> str:
                    f"{r['test/ndcg@10']:.4f}",
                    None if r.get("ndcg10_vs_dense") is None else f"{r['ndcg10_vs_dense']:.3f}",
                    "measured (ML-1M)"])
-    out.append("Measured on ML-1M (" + note + "):\n")
+    out.append("Measured on ML-1M. " + note + "\n")
     out.append(table(["mode", "point", "step s", "DP bytes/step", "NDCG@10", "NDCG@10 / dense",
                       "source"], body))
   return "\n".join(out)

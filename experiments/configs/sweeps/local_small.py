@@ -4,9 +4,10 @@ next to the simulator's prediction for the same plans (the `this_machine` preset
   python -m experiments.sweep --config=experiments/configs/sweeps/local_small.py --workdir=/tmp/local
   python -m experiments.paper_tables --results=/tmp/paper,/tmp/local --out=/tmp/tables.md
 
-Expected: 12 points (8 measured, 4 simulated... see --list) in about 3 minutes on the
-2-core CPU machine with 8 virtual devices; each measured row has step time (median of the
-logged steps after the first), tokens/s and MFU. Virtual devices share the host's cores,
+Expected: 18 points (9 measured, 9 simulated; --list prints them) in about 2 minutes on
+the 2-core CPU machine with 8 virtual devices; each measured row has step time (median of
+the logged steps after the first), tokens/s and MFU; predictions within about 25% of them
+(experiments/results/paper_tables.md, table e). Virtual devices share the host's cores,
 so the timings compare layouts on this machine, nothing more (README, 'MFU').
 """
 
