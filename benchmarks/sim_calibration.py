@@ -75,23 +75,10 @@ def time_plan(base, plan) -> dict:
   from rec_llm.train import trainer
   n = plan["data"] * plan["tensor"] * plan["pipe"]
   run = trainer.build(plan_config(base, plan), jax.devices()[:n])  # all of them across processes
-  t = time.perf_counter()
-  step = run.compile()
-  compile_s = time.perf_counter() - t
-  mem = measure.memory_of(next(iter(step.executables.values())))
-  state = run.state
-  batches = [run.batches(i) for i in range(_STEPS.value)]
-  state, m = step(state, batches[0])  # warm-up
-  jax.block_until_ready(m)
-  windows = []
-  for _ in range(_REPEATS.value):
-    t = time.perf_counter()
-    for b in batches:
-      state, m = step(state, b)
-    jax.block_until_ready(m)
-    windows.append((time.perf_counter() - t) / len(batches))
-  return {"step_time_s": float(np.median(windows)), "windows_s": windows,
-          "compile_s": compile_s, "memory": mem, "processes": 1}
+  timed = common.time_steps(run, _STEPS.value, _REPEATS.value)
+  mem = measure.memory_of(next(iter(timed["step"].executables.values())))
+  return {"step_time_s": timed["step_time_s"], "windows_s": timed["windows_s"],
+          "compile_s": timed["compile_s"], "memory": mem, "processes": 1}
 
 
 def _mp_env(i, port, n=2):

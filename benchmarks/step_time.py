@@ -35,21 +35,8 @@ def time_mesh(config, shape, devices, peak):
   config = config.copy_and_resolve_references()
   config.mesh.update(dict(zip(mesh_lib.MESH_AXES, shape)))
   run = trainer.build(config, devices)
-  t = time.perf_counter()
-  step = run.compile()
-  compile_s = time.perf_counter() - t
-  state = run.state
-  batches = [run.batches(i) for i in range(_STEPS.value)]  # input ready before timing
-  state, m = step(state, batches[0])  # warm-up
-  jax.block_until_ready(m)
-  windows = []
-  for _ in range(_REPEATS.value):
-    t = time.perf_counter()
-    for b in batches:
-      state, m = step(state, b)
-    jax.block_until_ready(m)
-    windows.append((time.perf_counter() - t) / len(batches))
-  step_s = float(np.median(windows))
+  timed = common.time_steps(run, _STEPS.value, _REPEATS.value)
+  step_s, windows, compile_s = timed["step_time_s"], timed["windows_s"], timed["compile_s"]
   mc = run.model_cfg
   tokens = config.train.batch_size * mc.max_len
   return {"mesh": "x".join(map(str, shape)), "devices": len(devices), "compile_s": compile_s,

@@ -11,10 +11,11 @@ Bad input ends with one `error:` line and exit code 2.
 """
 
 import json
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.")
 _CLUSTER = flags.DEFINE_string("cluster", "this_machine", "Cluster preset.")
@@ -28,22 +29,6 @@ _DP_MODES = flags.DEFINE_list("dp_modes", ["sync"], "Data-parallel modes: sync, 
 _NUM_ITEMS = flags.DEFINE_integer("num_items", None, "Item count when the config has none.")
 _JSON = flags.DEFINE_string("json", None, "Also write the plans (rows with breakdowns) here.")
 
-
-def parse_flags(argv):
-  """absl flag parsing with one-line errors (as experiments/train.py does)."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    if isinstance(e, (AttributeError, KeyError)):
-      hint = "unknown config key " + repr(str(e).strip("\"' "))
-    else:
-      hint = " ".join(line.strip() for line in str(e).splitlines()[:4])
-    _fail(f"bad flag: {hint}; python -m experiments.plan --helpfull lists the flags")
-
-
-def _fail(msg: str):
-  print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
 
 
 def table(results, stats, cluster) -> str:
@@ -69,14 +54,7 @@ def main(argv):
   from rec_llm.errors import ConfigError
   from rec_llm.sim import cluster as cluster_lib
   from rec_llm.sim import cost_model, planner, simulator
-  try:
-    config = _CONFIG.value
-    if config is not None:
-      config.keys()  # a config file that failed to load only raises when used
-  except OSError as e:
-    _fail(f"cannot load the config file: {str(e).splitlines()[-1].strip()}")
-  if config is None:
-    _fail("--config is required, e.g. --config=experiments/configs/default.py")
+  config = cli.load_config(_CONFIG, "experiments/configs/default.py")
   try:
     cluster = cluster_lib.preset(_CLUSTER.value, _DEVICES.value, _CALIBRATION.value)
     m = cost_model.ModelSpec.from_config(config, _NUM_ITEMS.value)
@@ -84,10 +62,10 @@ def main(argv):
     opts = planner.Options(compressions=tuple(_COMPRESSION.value), dp_modes=tuple(_DP_MODES.value))
     results, stats = planner.plan(m, batch, cluster, top=_TOP.value, options=opts)
   except ConfigError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   if not results:
     need = stats["min_infeasible_memory_bytes"] / 2**30
-    _fail(f"no plan fits in {cluster.memory_bytes / 2**30:.1f} GiB per device on "
+    cli.fail(f"no plan fits in {cluster.memory_bytes / 2**30:.1f} GiB per device on "
           f"{cluster.name!r} (the smallest needs {need:.1f} GiB); use more devices "
           "(--devices) or a smaller batch (--config.train.batch_size)")
   print(table(results, stats, cluster))
@@ -106,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser("experiments.plan"))

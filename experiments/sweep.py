@@ -20,28 +20,13 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a sweep config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.jsonl and traces/.")
 _LIST = flags.DEFINE_bool("list", False, "Print the points (key, group, axes) and exit.")
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices", 8, "Virtual CPU devices for measured points when XLA_FLAGS sets no count.")
-
-
-def _fail(msg: str):
-  print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  """absl flag parsing with one-line errors (as experiments/train.py does)."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    if isinstance(e, (AttributeError, KeyError)):
-      hint = "unknown config key " + repr(str(e).strip("\"' "))
-    else:
-      hint = " ".join(line.strip() for line in str(e).splitlines()[:4])
-    _fail(f"bad flag: {hint}; python -m experiments.sweep --helpfull lists the flags")
 
 
 def describe(p: dict) -> str:
@@ -124,16 +109,9 @@ def sweep(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    config = _CONFIG.value
-    if config is not None:
-      config.keys()  # a config file that failed to load only raises when used
-  except Exception as e:  # a missing file or one that does not import
-    _fail(f"cannot load the sweep config: {str(e).strip().splitlines()[-1].strip()}")
-  if config is None:
-    _fail("--config is required, e.g. --config=experiments/configs/sweeps/local_small.py")
+  config = cli.load_config(_CONFIG, "experiments/configs/sweeps/local_small.py")
   if not _WORKDIR.value and not _LIST.value:
-    _fail("--workdir is required: results go to WORKDIR/results.jsonl")
+    cli.fail("--workdir is required: results go to WORKDIR/results.jsonl")
   from experiments import points as points_lib
   from rec_llm.errors import ConfigError
   try:
@@ -147,7 +125,7 @@ def main(argv):
       jax.config.update("jax_num_cpu_devices", _HOST_DEVICES.value)
     counts = sweep(config, _WORKDIR.value)
   except ConfigError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   print(f"{counts['points']} points: {counts['skipped']} already done, {counts['ok']} ok, "
         f"{counts['infeasible']} infeasible, {counts['error']} failed; "
         f"{os.path.join(_WORKDIR.value, 'results.jsonl')}")
@@ -157,4 +135,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser("experiments.sweep"))

@@ -7,10 +7,11 @@ Bad input (mesh, sizes, unknown names) ends with one `error:` line and exit code
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl (and checkpoints).")
@@ -19,35 +20,10 @@ _HOST_DEVICES = flags.DEFINE_integer(
     "(only affects the CPU backend).")
 
 
-def parse_flags(argv):
-  """absl flag parsing with one-line errors for bad config paths, keys and values."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    bad = [a for a in argv[1:] if a.startswith("--config")]
-    if isinstance(e, (AttributeError, KeyError)):
-      hint = "unknown config key " + repr(str(e).strip("\"' "))
-    else:
-      hint = " ".join(line.strip() for line in str(e).splitlines()[:4])
-    print(f"error: bad --config flag ({' '.join(bad)}): {hint}; check the key against the config "
-          "file (python -m experiments.train --config=FILE --helpfull lists them)", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    config = _CONFIG.value
-    if config is not None:
-      config.keys()  # a config file that failed to load only raises when used
-  except OSError as e:
-    print(f"error: cannot load the config file: {str(e).splitlines()[-1].strip()}", file=sys.stderr)
-    sys.exit(2)
-  if config is None:
-    print("error: --config is required, e.g. --config=experiments/configs/default.py",
-          file=sys.stderr)
-    sys.exit(2)
+  config = cli.load_config(_CONFIG, "experiments/configs/default.py")
   import jax  # after flag parsing, so --help stays fast
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     jax.config.update("jax_num_cpu_devices", _HOST_DEVICES.value)
@@ -61,13 +37,11 @@ def main(argv):
   try:
     trainer.train(config, _WORKDIR.value)
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   except TrainingError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+    cli.fail(str(e), code=3)
 
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser("experiments.train"))

@@ -223,7 +223,7 @@ def test_bad_sweep_config_one_error_line(tmp_path):
     config = write(tmp_path / f"bad{i}.py", text)
     one_error(cli("experiments.sweep", f"--config={config}", f"--workdir={tmp_path / 'w'}"), needle)
   one_error(cli("experiments.sweep", f"--config={tmp_path / 'missing.py'}", "--workdir=/tmp/x"),
-            "cannot load the sweep config")
+            "cannot load the config file")
   assert not os.path.exists(tmp_path / "w")  # nothing ran
 
 

@@ -214,13 +214,13 @@ def test_alpha_beta_fit():
 
 _CLI_DRIVER = """
 import sys
-from experiments import plan as cli
+from experiments import cli, plan
 for argv in (["plan", "--config=experiments/configs/default.py", "--cluster=nope"],
              ["plan", "--config=experiments/configs/default.py", "--cluster=this_machine",
               "--top=3", "--trace=" + sys.argv[1]]):
-  cli.parse_flags(argv)
+  cli.flags_parser("experiments.plan")(argv)
   try:
-    cli.main(argv[:1])
+    plan.main(argv[:1])
     print("[exit 0]", flush=True)
   except SystemExit as e:
     print(f"[exit {e.code}]", flush=True)
