@@ -15,9 +15,9 @@ from tests.helpers import tiny_config
 
 def _config(balance):
   c = tiny_config(data=4, tensor=1, pipe=2)
-  # 12 blocks and an item head costing a few blocks: the even split (6, 6) is slow.
+  # 12 blocks and an item head costing about 6 of them: the even split (6, 6) is slow.
   c.model.update(num_layers=12, d_model=64, num_heads=2, mlp_dim=256, max_len=32)
-  c.data.num_items = 3000
+  c.data.num_items = 5000
   c.train.update(steps=4, batch_size=64, log_every=1)
   c.pipeline.update(schedule="1f1b", microbatches=2, stage_layers=())
   c.balance.update(adaptive=balance, every_steps=2, fixed_cost_s=0.0, min_gain=0.01, repeats=7)
