@@ -106,9 +106,12 @@ def main(argv):
   results = []
   if _MERGE.value and os.path.exists(_OUT.value):
     with open(_OUT.value) as f:
-      results = [r for r in json.load(f)["results"] if r["point"] not in _POINTS.value]
+      old = json.load(f)
+    src = {k: old["provenance"][k] for k in ("command", "git_commit")}
+    results = [{**src, **r} for r in old["results"] if r["point"] not in _POINTS.value]
   for name in _POINTS.value:
-    results.append({**run_point(name), "git_commit": common.provenance()["git_commit"]})
+    prov = common.provenance()
+    results.append({**run_point(name), "command": prov["command"], "git_commit": prov["git_commit"]})
     results.sort(key=lambda r: list(POINTS).index(r["point"]))
     dense = next((r for r in results if r["point"] == "dense"), None)
     for r in results:
