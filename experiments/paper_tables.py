@@ -319,8 +319,13 @@ def load_compression(path: str):
   except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
     _fail(f"cannot read the compression results {path!r}: {e}")
   prov = d.get("provenance", {})
-  note = (f"Measured by `{prov.get('command', '?')}` at commit {str(prov.get('git_commit', '?'))[:10]}"
-          f"{' (uncommitted changes)' if prov.get('git_dirty') else ''}, {prov.get('time_utc', '?')}, "
+  # Rows rerun with --merge carry their own command and commit.
+  runs = {}
+  for r in results:
+    key = (r.get("command", prov.get("command", "?")), str(r.get("git_commit", prov.get("git_commit", "?")))[:10])
+    runs.setdefault(key, []).append(r["point"])
+  how = "; ".join(f"`{cmd}` at commit {commit} ({', '.join(pts)})" for (cmd, commit), pts in runs.items())
+  note = (f"Measured by {how}; last written {prov.get('time_utc', '?')}, "
           f"on {prov.get('num_devices', '?')} x {prov.get('device_kind', '?')} "
           f"({d.get('mesh', '?')}).")
   return results, note
