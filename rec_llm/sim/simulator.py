@@ -334,7 +334,11 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
     pipe_grads = (collective_time(c, "all-reduce", 4 * cm.shared_params(m, t), p, lvl)
                   + collective_time(c, "all-gather", 4 * p * width * cm.block_params(m, t), p, lvl))
   leaves = cm.grad_leaves(m, t, width if p > 1 else m.num_layers, table_copies=1 if p > 1 else 2)
-  payload = cm.dp_payload_bytes(leaves, plan.compression, plan.ratio, plan.bits, plan.rank) \
+  # As in rec_llm/parallel/compression.py: quantised payloads only travel encoded through the
+  # ring / hierarchical aggregators; with 'psum' they are decoded first and reduced as float32.
+  kind = "none" if (plan.compression in ("int8", "sign", "qsgd")
+                    and plan.aggregator == "psum") else plan.compression
+  payload = cm.dp_payload_bytes(leaves, kind, plan.ratio, plan.bits, plan.rank) \
       if d_ > 1 else 0.0
   dp = dp_time(c, plan, payload, groups)
   n_dev = c.devices
