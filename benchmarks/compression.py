@@ -55,7 +55,7 @@ def point_config(name: str, data: str, steps: int, max_len: int):
   c = ml1m_sasrec.get_config()
   c.data.path = data
   c.data.length_buckets = tuple(b for b in (25, 50, 100) if b < max_len)
-  c.model.max_len = max_len
+  c.model.update(max_len=max_len, temperature=0.0)  # dot-product scores, as measured
   c.train.update(steps=steps, warmup_steps=min(100, steps // 4), log_every=25)
   c.eval.update(every_steps=0)
   c.checkpoint.update(every_steps=0)

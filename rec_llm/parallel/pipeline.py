@@ -240,8 +240,9 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
 
 
 def measure_stage_times(fns: StageFns, layers, shared, mb, stage_layers: tuple[int, ...],
-                        remat: bool = False, repeats: int = 5) -> list[float]:
-  """Seconds for each stage's forward + backward of one microbatch (median of `repeats`).
+                        remat: bool = False, repeats: int = 5, stat=np.median) -> list[float]:
+  """Seconds for each stage's forward + backward of one microbatch (`stat` of `repeats` runs;
+  np.min suits a shared machine, where noise only ever adds time).
 
   Runs the same stage code as the pipeline (embedding on stage 0, the skipped padding slots,
   the head on the last stage) on one device, so the numbers show what a stage costs.
@@ -271,5 +272,5 @@ def measure_stage_times(fns: StageFns, layers, shared, mb, stage_layers: tuple[i
       t = time.perf_counter()
       jax.block_until_ready(fwd_bwd(layers, shared, s))
       runs.append(time.perf_counter() - t)
-    times.append(float(np.median(runs)))
+    times.append(float(stat(runs)))
   return times

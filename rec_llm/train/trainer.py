@@ -250,7 +250,8 @@ def train(config: ConfigDict, workdir: str | None = None,
       run = build(cfg, devices, init=False)
       compiled = run.compile(state)
       compile_s = time.perf_counter() - t
-      before, after = (adaptive.measure_stage_times(run, state, batch, p)
+      repeats = int(cfg.balance.get("repeats", 5))
+      before, after = (adaptive.measure_stage_times(run, state, batch, p, repeats)
                        for p in (reason["current"], new))
       rec.update({"balance/imbalance_before": adaptive.imbalance(before),
                   "balance/imbalance_after": adaptive.imbalance(after),
