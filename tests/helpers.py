@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 
 from tests.conftest import ROOT
 
@@ -29,3 +30,12 @@ def run_trainer(args, timeout=120, env=None, launcher=None):
          else ["bash", os.path.join(ROOT, "launch", "local.sh"), str(launcher)])
   return subprocess.run(cmd + list(args), cwd=ROOT, env=full_env, capture_output=True,
                         text=True, timeout=timeout)
+
+
+def step_losses(run, steps: int):
+  """(losses of `steps` compiled steps from run.state on batches 0.., the final state)."""
+  step, state, out = run.compile(), run.state, []
+  for i in range(steps):
+    state, m = step(state, run.batches(i))
+    out.append(float(m["loss"]))
+  return np.array(out), state

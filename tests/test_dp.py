@@ -13,7 +13,7 @@ import pytest
 
 from rec_llm.errors import ConfigError
 from rec_llm.train import config_check, trainer
-from tests.helpers import tiny_config
+from tests.helpers import step_losses, tiny_config
 
 STEPS = 3
 
@@ -32,12 +32,7 @@ def _config(**dp):
 
 
 def _losses(config, steps=STEPS):
-  run = trainer.build(config)
-  step, state, out = run.compile(), run.state, []
-  for i in range(steps):
-    state, m = step(state, run.batches(i))
-    out.append(float(m["loss"]))
-  return np.array(out), state
+  return step_losses(trainer.build(config), steps)
 
 
 @pytest.fixture(scope="module")

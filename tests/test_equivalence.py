@@ -11,7 +11,7 @@ import pytest
 from rec_llm.parallel import sharding
 from rec_llm.train import trainer
 from rec_llm.train.step import loss_fn
-from tests.helpers import tiny_config
+from tests.helpers import step_losses, tiny_config
 
 LAYOUTS = [(8, 1), (4, 2), (2, 4), (1, 8)]
 STEPS = 3
@@ -27,11 +27,7 @@ def _grads(run, batch):
 def _trace(config, devices):
   run = trainer.build(config, devices)
   grads = _grads(run, run.batches(0))
-  step, state, losses = run.compile(), run.state, []
-  for i in range(STEPS):
-    state, m = step(state, run.batches(i))
-    losses.append(float(m["loss"]))
-  return np.array(losses), grads
+  return step_losses(run, STEPS)[0], grads
 
 
 @pytest.fixture(scope="module")
