@@ -24,8 +24,7 @@ from absl import app, flags
 from benchmarks import common
 from experiments.configs import default
 from rec_llm.parallel import hlo_stats, pipeline, schedules
-from rec_llm.train import step as step_lib
-from rec_llm.train import trainer
+from rec_llm.train import adaptive, trainer
 
 _MESHES = flags.DEFINE_list("meshes", ["4x1x2", "2x2x2", "2x1x4", "1x2x4"], "data x tensor x pipe.")
 _SCHEDULES = flags.DEFINE_list("schedules", ["gpipe", "1f1b"], "Schedules.")
@@ -110,18 +109,6 @@ def run_one(shape, schedule, stage_layers):
           "collective_bytes": measured, "bytes_check": check}, run, sizes
 
 
-def stage_times(run, sizes):
-  """Per-stage forward+backward seconds on one device, and the bubble they imply."""
-  dev = jax.devices()[0]
-  params = jax.device_put(jax.device_get(run.state.params), dev)
-  batch = jax.device_get(run.batches(0))
-  rows = run.config.train.batch_size // (run.mesh.shape["data"] * run.config.pipeline.microbatches)
-  mb = {k: jax.device_put(v[:rows], dev) for k, v in batch.items()}
-  fns = step_lib.stage_fns(run.model_cfg, run.model_cfg.num_items + 1)
-  shared = {k: v for k, v in params.items() if k != "blocks"}
-  return pipeline.measure_stage_times(fns, params["blocks"], shared, mb, sizes)
-
-
 def main(argv):
   del argv
   rows = []
@@ -132,7 +119,7 @@ def main(argv):
                                 for s in _SCHEDULES.value]:
       row, run, sizes = run_one(shape, schedule, partition)
       if schedule == _SCHEDULES.value[-1]:
-        t = stage_times(run, sizes)
+        t = adaptive.measure_stage_times(run, run.state, run.batches(0), sizes, stat=np.median)
         sched = schedules.build(schedule, shape[2], row["microbatches"])
         row["stage_time_s"] = t
         row["bubble_fraction_measured_stage_times"] = schedules.bubble_fraction(

@@ -4,10 +4,10 @@ from ml_collections import ConfigDict
 
 from rec_llm.data import sources
 from rec_llm.errors import ConfigError
-from rec_llm.train import optimizer
 from rec_llm.models.seq_transformer import ModelConfig
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import collectives, compression, schedules
+from rec_llm.train import dp_step, optimizer
 
 
 def _positive(cfg: ConfigDict, section: str, *names: str) -> None:
@@ -126,8 +126,7 @@ def check_dp(config: ConfigDict, data: int, pipe: int) -> None:
   if agg == "hierarchical" and (group < 1 or data % group):
     raise ConfigError(f"dp.group={group} must divide mesh.data={data} for the hierarchical "
                       "aggregator (devices per node)")
-  uses = mode != "sync" or kind != "none" or agg != "psum"
-  if uses and pipe > 1:
+  if dp_step.uses_dp_step(config) and pipe > 1:
     raise ConfigError("the dp section (compression, aggregator, stale/local_sgd) needs "
                       f"mesh.pipe=1, got {pipe}; pipelined runs use the synchronous psum")
   if kind == "topk" and agg not in ("sparse", "psum"):

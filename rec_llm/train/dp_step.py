@@ -178,13 +178,16 @@ class DPStep:
     g_local, m = self._local_grads(state.params, batch, base, stacked=False)
     loss = m["loss"] * poison
     g_local = jax.tree.map(lambda x: x * poison, g_local)
+    # This step's gradients, checked once: older queued ones passed when they were pushed, and
+    # a compressor may leave a non-finite entry unsent (in its residual) rather than reduce it.
+    ok = jnp.isfinite(loss) & finite(g_local)
     new_dp = dict(dp)
     if self.tau:
       queue = dp["queue"] + (g_local,)
       g_local, new_dp["queue"] = queue[0], queue[1:]
     grads, new_dp["comp"] = self._reduce(g_local, dp["comp"])
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite(new_dp.get("queue", ()))
+    ok = ok & jnp.isfinite(grad_norm)
     apply = ok & (state.step >= self.tau)  # 'stale': the first tau steps fill the queue
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
