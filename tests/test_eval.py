@@ -24,13 +24,25 @@ def _tied_problem(seed=0, users=24, vocab=256, num_valid=230, d=4):
   return hidden, table, targets, num_valid
 
 
-def _brute_force(hidden, table, targets, num_valid):
-  """Sort every valid item by score (descending; ties by lower id) and read metrics off the list."""
+def _seen(targets, num_valid, n=40, seed=0):
+  """[users, n] seen-item lists: padding 0s, repeats, and for some users the target itself."""
+  rng = np.random.default_rng(seed)
+  seen = rng.integers(0, num_valid, size=(len(targets), n)).astype(np.int32)
+  seen[::3, 0] = targets[::3]
+  seen[:, 1] = seen[:, 2]
+  return seen
+
+
+def _brute_force(hidden, table, targets, num_valid, seen=None):
+  """Sort every valid item by score (descending; ties by lower id) and read metrics off the
+  list; with `seen`, a user's seen items other than the target are first taken out of it."""
   scores = hidden @ table.T
   out = {f"{m}@{k}": [] for k in KS for m in ("hr", "ndcg")}
   out["mrr"], ranks = [], []
-  for s, t in zip(scores, targets):
+  for u, (s, t) in enumerate(zip(scores, targets)):
     items = np.arange(1, num_valid)
+    if seen is not None:
+      items = items[~np.isin(items, seen[u]) | (items == t)]
     order = items[np.lexsort((items, -s[items]))]
     pos = int(np.flatnonzero(order == t)[0])
     ranks.append(pos)
@@ -41,14 +53,16 @@ def _brute_force(hidden, table, targets, num_valid):
   return np.array(ranks), {k: float(np.mean(v)) for k, v in out.items()}
 
 
+@pytest.mark.parametrize("filter_seen", [False, True])
 @pytest.mark.parametrize("data,tensor", [(1, 1), (2, 4), (1, 8)])
-def test_full_ranking_metrics_equal_brute_force_with_ties(data, tensor):
+def test_full_ranking_metrics_equal_brute_force_with_ties(data, tensor, filter_seen):
   hidden, table, targets, num_valid = _tied_problem()
-  want_ranks, want = _brute_force(hidden, table, targets, num_valid)
+  seen = _seen(targets, num_valid) if filter_seen else None
+  want_ranks, want = _brute_force(hidden, table, targets, num_valid, seen)
   mesh = mesh_lib.build_mesh(dict(data=data, tensor=tensor, pipe=1), jax.devices()[: data * tensor])
   with sharding.activate(mesh):
     _, rank = jax.jit(vocab_parallel.softmax_xent, static_argnums=3)(
-        hidden[:, None], table, targets[:, None], num_valid)
+        hidden[:, None], table, targets[:, None], num_valid, seen)
   ranks = np.asarray(rank)[:, 0]
   np.testing.assert_array_equal(ranks, want_ranks)
   got = metrics_from_ranks(ranks, KS)
@@ -96,16 +110,21 @@ def _trained_run(data, tensor):
   return trainer.build(c, jax.devices()[: data * tensor])
 
 
-@pytest.mark.parametrize("negatives", [0, 30])
-def test_sharded_evaluation_matches_single_device(negatives):
+@pytest.mark.parametrize("negatives,filter_seen", [(0, False), (0, True), (30, False)])
+def test_sharded_evaluation_matches_single_device(negatives, filter_seen):
   ref, run = _trained_run(1, 1), _trained_run(4, 2)
-  ev = lambda r: Evaluator(r.model, r.mesh, r.source, r.model_cfg.max_len, 16, KS, negatives, 0)
+  ev = lambda r: Evaluator(r.model, r.mesh, r.source, r.model_cfg.max_len, 16, KS, negatives, 0,
+                           filter_seen=filter_seen)
   want = ev(ref).ranks(ref.state.params, "test")
   got = ev(run).ranks(run.state.params, "test")
   assert len(got) == 40  # padded rows dropped
   np.testing.assert_array_equal(got, want)
   if negatives:
     assert got.max() <= negatives
+  if filter_seen:  # taking seen items out can only move a target up, and here it does
+    kept = Evaluator(run.model, run.mesh, run.source, run.model_cfg.max_len, 16, KS, 0, 0)
+    unfiltered = kept.ranks(run.state.params, "test")
+    assert (got <= unfiltered).all() and (got < unfiltered).any()
 
 
 def test_sampled_ranks_equal_brute_force():

@@ -46,7 +46,9 @@ def get_config(arg=None):
       nonfinite="skip",  # a non-finite loss/gradient: 'skip' the update, or 'stop' the run
       inject_nonfinite_steps=()))  # fault injection, for tests
   # Held-out next-item ranking over all items; num_negatives > 0: sampled protocol.
+  # filter_seen: leave the items of the input window out of the full ranking (the
+  # generative-recommenders default); num_negatives > 0: the SASRec paper's sampled protocol.
   c.eval = ml_collections.ConfigDict(dict(every_steps=100, batch_size=256, ks=(10, 50, 200),
-                                          num_negatives=0))
+                                          num_negatives=0, filter_seen=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, max_to_keep=3))
   return c

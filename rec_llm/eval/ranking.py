@@ -2,9 +2,12 @@
 
 Full ranking (default): each held-out target is ranked against every item, with the item
 table sharded over `tensor`; a device only scores its own rows and the target's rank is
-summed across shards, so no [users, items] matrix ever exists. Items the user has already
-seen stay in the ranking (as in the generative-recommenders protocol; nothing is filtered).
-Ties rank the lower item id first (the order of `lax.top_k`).
+summed across shards, so no [users, items] matrix ever exists. Ties rank the lower item id
+first (the order of `lax.top_k`). Items the user has already seen stay in the ranking by
+default; `filter_seen` (`eval.filter_seen`) leaves out the items of the model's input window
+(at most max_len, the target never), as the generative-recommenders evaluation does by
+default (its `filter_invalid_ids`, whose reported SASRec / HSTU numbers are filtered). On
+MovieLens, where no user rates a movie twice, filtering only removes wrong answers.
 
 Sampled (`eval.num_negatives` > 0, the SASRec paper's protocol): the target is ranked
 against that many items drawn uniformly from those the user has never interacted with.
@@ -57,8 +60,10 @@ class Evaluator:
   """Ranks held-out targets for a source's 'val' or 'test' split."""
 
   def __init__(self, model, mesh: Mesh, source, max_len: int, batch_size: int,
-               ks=(10, 50, 200), num_negatives: int = 0, seed: int = 0):
+               ks=(10, 50, 200), num_negatives: int = 0, seed: int = 0,
+               filter_seen: bool = False):
     self.model, self.mesh, self.ks = model, mesh, tuple(ks)
+    self.filter_seen = filter_seen
     self.max_len, self.batch_size = max_len, batch_size
     self.num_items, self.num_negatives = source.num_items, num_negatives
     self.source, self.seed = source, seed
@@ -72,7 +77,8 @@ class Evaluator:
 
   def _full_ranks(self, params, inputs, targets):
     h, table = self._last_hidden(params, inputs)
-    _, rank = vocab_parallel.softmax_xent(h, table, targets, self.num_items + 1)
+    _, rank = vocab_parallel.softmax_xent(h, table, targets, self.num_items + 1,
+                                          exclude=inputs if self.filter_seen else None)
     return rank[:, 0]
 
   def _sampled_ranks(self, params, inputs, targets):

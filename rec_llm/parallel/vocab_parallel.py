@@ -55,7 +55,7 @@ def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
-                 num_valid: int) -> tuple[jax.Array, jax.Array]:
+                 num_valid: int, exclude: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Full-softmax cross-entropy against tied item scores, computed vocab-parallel.
 
   Args:
@@ -64,6 +64,8 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
     targets: [batch, seq] item ids.
     num_valid: ids 1..num_valid-1 are real items; id 0 (padding) and the rows padded onto
       the table for even sharding are excluded from the softmax.
+    exclude: optional [batch, n] ids left out of each row's rank (not of the loss), e.g.
+      the items the user has seen; 0 is ignored, and a row's target is never left out.
 
   Returns:
     (nll, rank), both [batch, seq]: the negative log-likelihood of each target and its
@@ -73,7 +75,7 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
   axes = _axes()
   vaxis, baxis = axes if axes is not None else (None, None)
 
-  def local(h, tbl, tgt):
+  def local(h, tbl, tgt, ex=None):
     start, rows = _shard_bounds(tbl, vaxis)
     logits = jnp.einsum("bsd,vd->bsv", h, tbl, preferred_element_type=jnp.float32)
     col = start + jnp.arange(rows)
@@ -89,14 +91,20 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
     tgt_logit = _psum(jnp.where(hit, picked, 0.0), vaxis)
     t = jax.lax.stop_gradient(tgt_logit)[..., None]
     # Ties rank below lower ids, as lax.top_k orders them.
-    above = ((logits > t) | ((logits == t) & (col < tgt[..., None]))).sum(-1)
-    return lse - tgt_logit, _psum(above, vaxis)
+    above = (logits > t) | ((logits == t) & (col < tgt[..., None]))
+    if ex is not None:  # a [batch, rows] mask of this shard's excluded rows, by scatter
+      b = ex.shape[0]
+      rel_ex = jnp.where((ex > 0) & (ex >= start) & (ex < start + rows), ex - start, rows)
+      seen = jnp.zeros((b, rows + 1), bool).at[jnp.arange(b)[:, None], rel_ex].set(True)[:, :rows]
+      above = above & ~(seen[:, None, :] & (col != tgt[..., None]))
+    return lse - tgt_logit, _psum(above.sum(-1), vaxis)
 
+  args = (hidden, table, targets) + (() if exclude is None else (exclude,))
   if axes is None:
-    return local(hidden, table, targets)
-  return jax.shard_map(
-      local, in_specs=(P(baxis, None, None), P(vaxis, None), P(baxis, None)),
-      out_specs=(P(baxis, None), P(baxis, None)))(hidden, table, targets)
+    return local(*args)
+  specs = (P(baxis, None, None), P(vaxis, None), P(baxis, None), P(baxis, None))
+  return jax.shard_map(local, in_specs=specs[:len(args)],
+                       out_specs=(P(baxis, None), P(baxis, None)))(*args)
 
 
 def top_k(hidden: jax.Array, table: jax.Array, k: int, num_valid: int) -> tuple[jax.Array, jax.Array]:

@@ -158,7 +158,8 @@ def make_evaluator(run: Run) -> Evaluator | None:
     return None
   return Evaluator(run.model, run.mesh, run.source, run.model_cfg.max_len,
                    int(ev.get("batch_size", 256)), ks=tuple(ev.get("ks", (10, 50, 200))),
-                   num_negatives=int(ev.get("num_negatives", 0)), seed=int(run.config.train.seed))
+                   num_negatives=int(ev.get("num_negatives", 0)), seed=int(run.config.train.seed),
+                   filter_seen=bool(ev.get("filter_seen", False)))
 
 
 def train(config: ConfigDict, workdir: str | None = None,
