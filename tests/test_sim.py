@@ -215,6 +215,37 @@ def test_alpha_beta_fit():
   assert alpha == 0.0 and beta == pytest.approx(1e9, rel=0.01)
 
 
+def test_step_corrections_fit_recovers_known_values():
+  """Steps simulated with known corrections: the fit on them gets the corrections back, and
+  a correction no fit plan exercises stays off."""
+  from rec_llm.sim import calibrate
+  truth = dict(tp_sync_s=4e-3, bookkeeping_scale=1.5, process_compute_scale=1.8)
+  plans = [(sim.Plan(data=4, tensor=2), 1), (sim.Plan(data=2, tensor=4), 1),
+           (sim.Plan(data=4, pipe=2, schedule="1f1b", microbatches=8), 1),
+           (sim.Plan(data=2, tensor=2, pipe=2, schedule="gpipe", microbatches=4), 1),
+           (sim.Plan(data=8), 2)]
+
+  def step(corr, i):
+    plan, processes = plans[i]
+    c = dataclasses.replace(cluster.preset("this_machine", processes=processes),
+                            **cluster.step_corrections({"step_corrections": corr}, processes))
+    return sim.simulate(DEFAULT, sim.Batch(64, 64), c, plan).step_s
+
+  measured = [step(truth, i) for i in range(len(plans))]
+  got = calibrate.fit(step, measured)
+  for k, v in truth.items():
+    assert got[k] == pytest.approx(v, rel=0.02), k
+  assert got["fit_rms_rel_error"] < 0.01
+  no_pipe = calibrate.fit(lambda corr, i: step(corr, i), measured[:2])
+  assert "bookkeeping_scale" not in no_pipe and "process_compute_scale" not in no_pipe
+  assert no_pipe["tp_sync_s"] == pytest.approx(truth["tp_sync_s"], rel=0.02)
+  # Slower measured steps than the analytic model can explain only raise corrections: none
+  # goes below its 'off' value when the steps are faster than predicted.
+  fast = calibrate.fit(step, [0.5 * m for m in measured])
+  assert fast["tp_sync_s"] == 0.0 and fast["bookkeeping_scale"] == 0.0
+  assert fast["process_compute_scale"] == 1.0
+
+
 _CLI_DRIVER = """
 import sys
 from experiments import cli, plan

@@ -55,6 +55,11 @@ class Cluster:
   optimizer_s_per_param: float = 0.0   # measured AdamW update time; 0: from memory bandwidth
   collectives: tuple = ()       # measured fits: dicts(level, kind, group, alpha_s, beta_Bps)
   components: dict | None = None  # measured block / embed / head times (measure.py)
+  # Fitted to timed training steps of a few plans (rec_llm/sim/calibrate.py); these
+  # defaults leave the analytic model as it is.
+  tp_sync_s: float = 0.0              # s per tensor-parallel collective beyond its alpha-beta
+  bookkeeping_scale: float = 2.0      # pipeline: bytes moved per tick per byte of its state
+  process_compute_scale: float = 1.0  # compute slowdown when processes share the host
   source: str = "datasheet"
 
   @property
@@ -169,7 +174,20 @@ def this_machine(calibration: dict | None = None, processes: int = 1, devices: i
       shared_host=True, host_speedup=_host_speedup(cal),
       optimizer_s_per_param=opt_scale * float(cal.get("optimizer_s_per_param", d["optimizer_s_per_param"])),
       collectives=tuple(colls), components=cal.get("components"),
+      **step_corrections(cal, processes),
       source=cal.get("source", "defaults measured on the project's 2-core machine"))
+
+
+CORRECTIONS = ("tp_sync_s", "bookkeeping_scale", "process_compute_scale")
+
+
+def step_corrections(cal: dict, processes: int = 1) -> dict:
+  """The calibration's fitted in-step corrections (calibrate.py) for a run of `processes`."""
+  fit = dict(cal.get("step_corrections") or {})
+  out = {k: float(fit[k]) for k in CORRECTIONS if k in fit}
+  if processes <= 1:
+    out.pop("process_compute_scale", None)
+  return out
 
 
 def _host_speedup(cal: dict) -> float:

@@ -174,7 +174,8 @@ def host_speedup(c: cluster_lib.Cluster, busy: int) -> float:
   """
   if not c.shared_host or busy <= 1:
     return 1.0
-  return c.host_speedup
+  # Processes sharing the host also slow each other (fitted: calibrate.py).
+  return c.host_speedup / c.process_compute_scale
 
 
 def optimizer_time(c: cluster_lib.Cluster, params: float) -> float:

@@ -168,23 +168,24 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
   tp_fwd, tp_bwd = np.zeros(p), np.zeros(p)
   if t > 1:
     lvl = groups["tensor"][1]
-    ar = lambda b: collective_time(c, "all-reduce", b, t, lvl)
+    # + tp_sync_s: what a collective costs inside a step beyond its isolated microbenchmark
+    # (on a shared host, every device's threads meet at each one; fitted, calibrate.py).
+    ar = lambda b: collective_time(c, "all-reduce", b, t, lvl) + c.tp_sync_s
     tp_fwd = L * 2 * ar(act)
     tp_bwd = L * (ar(act) + ar(3 * act) + (2 * ar(act) if plan.remat else 0.0))
     tp_fwd[0] += ar(act)                            # embedding lookup psum
     tp_fwd[-1] += ar(act) + 4 * ar(4 * rows * batch.seq_len)  # head: dh, softmax statistics
   tick_extra, p2p = 0.0, 0.0
   if p > 1:
-    width = max(sizes)
-    # The pipeline's ring buffers: a forward writes the stage's residuals (activations and
-    # each slot's weights), the backward reads them; every op also adds into the shared
-    # (table-sized) gradient accumulator; every tick selects received slots.
-    per_tok = (m.d_model * m.act_bytes if plan.remat else cm.block_activation_bytes(mr, t))
-    res = L * n * per_tok + width * cm.block_params(m, t) * 4
-    shared = 3 * 4 * cm.shared_params(m, t)
-    fwd = fwd + cm.elementwise_time(c, res + shared)
-    bwd = bwd + cm.elementwise_time(c, res + shared)
-    tick_extra = TICK_OPS * c.call_overhead + cm.elementwise_time(c, 6 * act)
+    # Every tick, every stage carries the pipeline's whole state through its conds (the
+    # residual ring of in-flight microbatches, the activation and gradient slots, the
+    # gradient accumulators): traffic in proportion to those bytes, whatever the op, so a
+    # schedule with more microbatches in flight (GPipe) pays more per tick. The factor is
+    # bytes moved per byte held (calibrate.py fits it on this machine).
+    mem = memory(m, batch, c, plan, sizes)
+    carry = mem["activations"] + mem["pipeline_buffers"] + \
+        4 * (max(sizes) * cm.block_params(m, t) + cm.shared_params(m, t))
+    tick_extra = TICK_OPS * c.call_overhead + cm.elementwise_time(c, c.bookkeeping_scale * carry)
     p2p = 2 * collective_time(c, "collective-permute", act, p, groups["pipe"][1])
   return StageCosts(fwd, bwd, tp_fwd, tp_bwd, tick_extra, p2p, n, t)
 
