@@ -2,6 +2,9 @@
 
 import json
 import os
+import time
+
+import jax
 
 from experiments import provenance as provenance_lib
 
