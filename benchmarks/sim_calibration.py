@@ -1,8 +1,8 @@
 r"""Calibrate the 'this_machine' cluster from measurements, then predict real step times.
 
   python -m benchmarks.sim_calibration [--config=experiments/configs/default.py] \
-      [--fit_plans=4x2x1,4x1x2:1f1b:8 --mp_fit_plans=8x1x1] \
-      [--plans=1x1x1,8x1x1,2x4x1,...] [--mp_plans=4x2x1] [--steps=5 --repeats=3]
+      [--fit_plans=1x1x1,8x1x1,4x2x1,4x1x2:1f1b:8 --mp_fit_plans=8x1x1] \
+      [--plans=2x4x1,4x1x2:1f1b:4,...] [--mp_plans=4x2x1] [--steps=5 --repeats=5]
 
 1. rec_llm/sim/measure.py on the 8 virtual CPU devices (components, collectives, ...), and
    the cross-process collectives from 2 processes x 4 devices.
@@ -39,17 +39,17 @@ from ml_collections import config_flags
 from benchmarks import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Config file.")
-_FIT_PLANS = flags.DEFINE_list("fit_plans", ["4x2x1", "4x1x2:1f1b:8"],
+_FIT_PLANS = flags.DEFINE_list("fit_plans", ["1x1x1", "8x1x1", "4x2x1", "4x1x2:1f1b:8"],
                                "Plans whose timed steps fit the corrections (this process).")
 _MP_FIT_PLANS = flags.DEFINE_list("mp_fit_plans", ["8x1x1"],
                                   "Fit plans run as 2 processes x 4 devices.")
 _PLANS = flags.DEFINE_list(
-    "plans", ["1x1x1", "8x1x1", "2x4x1", "4x1x2:1f1b:4", "2x2x2:gpipe:4", "2x1x4:1f1b:8",
-              "1x2x4:gpipe:8", "2x1x4:gpipe:16", "4x1x2:1f1b:16"],
+    "plans", ["2x4x1", "4x1x2:1f1b:4", "2x2x2:gpipe:4", "2x1x4:1f1b:8", "1x2x4:gpipe:8",
+              "2x1x4:gpipe:16", "4x1x2:1f1b:16", "1x4x2:1f1b:8"],
     "Validation plans, DATAxTENSORxPIPE[:schedule:microbatches], run in this process.")
 _MP_PLANS = flags.DEFINE_list("mp_plans", ["4x2x1"], "Validation plans run as 2 processes x 4 devices.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed window.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed windows per plan (median reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows per plan (median reported).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/sim_calibration.json", "Result JSON.")
 _CAL_OUT = flags.DEFINE_string("calibration_out", "benchmarks/results/this_machine_calibration.json",
                                "Where the calibration alone is written.")

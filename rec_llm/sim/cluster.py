@@ -57,8 +57,9 @@ class Cluster:
   components: dict | None = None  # measured block / embed / head times (measure.py)
   # Fitted to timed training steps of a few plans (rec_llm/sim/calibrate.py); these
   # defaults leave the analytic model as it is.
+  compute_scale: float = 1.0          # in-step compute over the components' measured times
   tp_sync_s: float = 0.0              # s per tensor-parallel collective beyond its alpha-beta
-  bookkeeping_scale: float = 2.0      # pipeline: bytes moved per tick per byte of its state
+  tick_s: float = 0.0                 # s per pipeline tick: its conds, slot updates, meetings
   process_compute_scale: float = 1.0  # compute slowdown when processes share the host
   source: str = "datasheet"
 
@@ -171,14 +172,14 @@ def this_machine(calibration: dict | None = None, processes: int = 1, devices: i
       call_overhead=float(cal.get("call_overhead_s", d["call_overhead_s"])),
       step_overhead=step_overhead,
       overlap=0.0,  # compute and collectives share the same cores: nothing hides
-      shared_host=True, host_speedup=_host_speedup(cal),
+      shared_host=True,
       optimizer_s_per_param=opt_scale * float(cal.get("optimizer_s_per_param", d["optimizer_s_per_param"])),
       collectives=tuple(colls), components=cal.get("components"),
-      **step_corrections(cal, processes),
+      **{"host_speedup": _host_speedup(cal), **step_corrections(cal, processes)},
       source=cal.get("source", "defaults measured on the project's 2-core machine"))
 
 
-CORRECTIONS = ("tp_sync_s", "bookkeeping_scale", "process_compute_scale")
+CORRECTIONS = ("compute_scale", "host_speedup", "tp_sync_s", "tick_s", "process_compute_scale")
 
 
 def step_corrections(cal: dict, processes: int = 1) -> dict:

@@ -154,10 +154,11 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
   rows = batch.global_batch // (d_ * mb)
   n = rows * batch.seq_len
   mr = dataclasses.replace(m, max_len=batch.seq_len)  # attention over the batch's width
-  bf = cm.component_time(c, mr, "block_fwd", n, t)
-  bb = cm.component_time(c, mr, "block_bwd", n, t) + (bf if plan.remat else 0.0)
-  emb = cm.component_time(c, mr, "embed", n, t)
-  head = cm.component_time(c, mr, "head", n, t)
+  k = c.compute_scale
+  bf = k * cm.component_time(c, mr, "block_fwd", n, t)
+  bb = k * cm.component_time(c, mr, "block_bwd", n, t) + (bf if plan.remat else 0.0)
+  emb = k * cm.component_time(c, mr, "embed", n, t)
+  head = k * cm.component_time(c, mr, "head", n, t)
   L = np.asarray(sizes, float)
   fwd, bwd = L * bf, L * bb
   fwd[0] += emb / 2
@@ -177,15 +178,7 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
     tp_fwd[-1] += ar(act) + 4 * ar(4 * rows * batch.seq_len)  # head: dh, softmax statistics
   tick_extra, p2p = 0.0, 0.0
   if p > 1:
-    # Every tick, every stage carries the pipeline's whole state through its conds (the
-    # residual ring of in-flight microbatches, the activation and gradient slots, the
-    # gradient accumulators): traffic in proportion to those bytes, whatever the op, so a
-    # schedule with more microbatches in flight (GPipe) pays more per tick. The factor is
-    # bytes moved per byte held (calibrate.py fits it on this machine).
-    mem = memory(m, batch, c, plan, sizes)
-    carry = mem["activations"] + mem["pipeline_buffers"] + \
-        4 * (max(sizes) * cm.block_params(m, t) + cm.shared_params(m, t))
-    tick_extra = TICK_OPS * c.call_overhead + cm.elementwise_time(c, c.bookkeeping_scale * carry)
+    tick_extra = TICK_OPS * c.call_overhead
     p2p = 2 * collective_time(c, "collective-permute", act, p, groups["pipe"][1])
   return StageCosts(fwd, bwd, tp_fwd, tp_bwd, tick_extra, p2p, n, t)
 
@@ -206,6 +199,8 @@ def _tick_times(sched: schedules.Schedule, costs: StageCosts, speed: np.ndarray,
   else:
     tick_comp = work.max(axis=1)
     tick = (work + comm).max(axis=1)
+  if len(costs.fwd) > 1:  # the pipeline's fixed cost per tick (fitted, calibrate.py)
+    tick = tick + c.tick_s
   return tick + costs.p2p, tick_comp, comp
 
 
