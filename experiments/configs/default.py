@@ -41,13 +41,14 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(name="synthetic", num_items=4096, zipf_a=1.1, p_follow=0.8))
   c.train = ml_collections.ConfigDict(dict(
       steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=30, end_lr_fraction=0.1,
+      optimizer="adamw", momentum=0.0,  # 'adamw' | 'sgd' (heavy-ball momentum)
       weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.98, seed=0, log_every=25,
       peak_tflops=0.0,   # 0: look the device up, else measure a matmul
       nonfinite="skip",  # a non-finite loss/gradient: 'skip' the update, or 'stop' the run
       inject_nonfinite_steps=()))  # fault injection, for tests
-  # Held-out next-item ranking over all items; num_negatives > 0: sampled protocol.
-  # filter_seen: leave the items of the input window out of the full ranking (the
-  # generative-recommenders default); num_negatives > 0: the SASRec paper's sampled protocol.
+  # Held-out next-item ranking over all items; filter_seen: leave the items of the input
+  # window out of it (the generative-recommenders default); num_negatives > 0: the SASRec
+  # paper's sampled protocol.
   c.eval = ml_collections.ConfigDict(dict(every_steps=100, batch_size=256, ks=(10, 50, 200),
                                           num_negatives=0, filter_seen=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, max_to_keep=3))

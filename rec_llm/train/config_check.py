@@ -99,6 +99,10 @@ def check_dp(config: ConfigDict, data: int, pipe: int) -> None:
   opt = config.train.get("optimizer", "adamw")
   if opt not in optimizer.OPTIMIZERS:
     raise ConfigError(f"train.optimizer={opt!r} is unknown; choose one of {list(optimizer.OPTIMIZERS)}")
+  momentum = config.train.get("momentum", 0.0)
+  if not 0.0 <= momentum < 1.0:
+    raise ConfigError(f"train.momentum={momentum} must be in [0, 1) (heavy-ball momentum of "
+                      "train.optimizer='sgd'; 0 is plain SGD)")
   dp = config.get("dp")
   if dp is None:
     return

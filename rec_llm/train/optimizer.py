@@ -26,12 +26,12 @@ OPTIMIZERS = ("adamw", "sgd")
 
 
 def make(train_cfg: ConfigDict) -> optax.GradientTransformation:
-  """train.optimizer: 'adamw' (default) or 'sgd' (plain, for exactness checks); clipping by
-  global norm train.grad_clip first (0: off)."""
+  """train.optimizer: 'adamw' (default) or 'sgd' (heavy-ball train.momentum, 0: plain, as the
+  exactness checks use); clipping by global norm train.grad_clip first (0: off)."""
   clip = float(train_cfg.get("grad_clip", 1.0))
   name = train_cfg.get("optimizer", "adamw")
   if name == "sgd":
-    opt = optax.sgd(schedule(train_cfg))
+    opt = optax.sgd(schedule(train_cfg), momentum=float(train_cfg.get("momentum", 0.0)) or None)
   else:
     opt = optax.adamw(schedule(train_cfg), b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.98),
                       weight_decay=train_cfg.get("weight_decay", 0.0), mask=_decay_mask)
