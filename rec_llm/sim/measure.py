@@ -1,7 +1,8 @@
 """Microbenchmarks on the current devices -> a calibration dict (JSON) for the cost model.
 
 Measured (each the median of `repeats` timed runs after a warm-up):
-- `matmul_flops`: a float32 n^3 matmul on one device (the peak the cost model scales by);
+- `matmul_flops`: a float32 n^3 matmul on one device, its fastest run (the peak the cost
+  model scales by and MFU divides by);
   `memory_bandwidth`: an element-wise pass over 32 MiB; `memory_bandwidth_all_devices`:
   the same on every device at once (what virtual devices sharing a host get together).
 - `components`: forward and backward of one block, forward + backward of the embedding and
@@ -34,15 +35,15 @@ from rec_llm.models import seq_transformer as st
 KINDS = ("all-reduce", "all-gather", "collective-permute", "all-to-all")
 
 
-def time_call(fn, *args, repeats: int = 5) -> float:
-  """Median seconds of fn(*args) after one warm-up call."""
+def time_call(fn, *args, repeats: int = 5, stat=np.median) -> float:
+  """Seconds of fn(*args) after one warm-up call: `stat` (median) of `repeats` runs."""
   jax.block_until_ready(fn(*args))
   runs = []
   for _ in range(repeats):
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     runs.append(time.perf_counter() - t)
-  return float(np.median(runs))
+  return float(stat(runs))
 
 
 def fit_alpha_beta(nbytes, seconds) -> tuple[float, float]:
@@ -58,9 +59,11 @@ def fit_alpha_beta(nbytes, seconds) -> tuple[float, float]:
   return float(alpha), 1.0 / slope
 
 
-def matmul_flops(device, n: int = 1024, repeats: int = 7) -> float:
+def matmul_flops(device, n: int = 1024, repeats: int = 20) -> float:
+  """A peak: the fastest of `repeats` runs (one slow run on a shared host would halve a
+  median, and with it every MFU figure)."""
   a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
-  return 2.0 * n**3 / time_call(jax.jit(lambda x: x @ x), a, repeats=repeats)
+  return 2.0 * n**3 / time_call(jax.jit(lambda x: x @ x), a, repeats=repeats, stat=min)
 
 
 def memory_bandwidth(device, mib: int = 32, repeats: int = 7) -> float:
