@@ -264,13 +264,12 @@ def measure_stage_times(fns: StageFns, layers, shared, mb, stage_layers: tuple[i
                       lambda: y.sum().astype(jnp.float32))
     return jax.grad(f, argnums=(0, 1))(sp, shared)
 
-  times = []
   for s in range(nstages):
     jax.block_until_ready(fwd_bwd(layers, shared, s))  # compile / warm up
-    runs = []
-    for _ in range(repeats):
+  runs = [[] for _ in range(nstages)]
+  for _ in range(repeats):  # stages interleaved: a burst of load on the host hits them alike
+    for s in range(nstages):
       t = time.perf_counter()
       jax.block_until_ready(fwd_bwd(layers, shared, s))
-      runs.append(time.perf_counter() - t)
-    times.append(float(stat(runs)))
-  return times
+      runs[s].append(time.perf_counter() - t)
+  return [float(stat(r)) for r in runs]
