@@ -5,6 +5,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from experiments import provenance as provenance_lib
 
@@ -23,7 +24,6 @@ def write(path: str, result: dict) -> None:
 def time_steps(run, steps: int, repeats: int) -> dict:
   """Compiles `run`'s step, then times `repeats` windows of `steps` steps (inputs built first,
   one warm-up step); the median window is the step time."""
-  import numpy as np
   t = time.perf_counter()
   step = run.compile()
   compile_s = time.perf_counter() - t

@@ -22,7 +22,6 @@ allocator's `peak_bytes_in_use`, with provenance. Without a GPU it refuses (exit
 """
 
 import os
-import statistics
 import sys
 import threading
 import time
@@ -61,20 +60,11 @@ def make_config(dry_run: bool):
   return c
 
 
-def memory_of(compiled) -> dict:
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  out = {"temp_bytes": m.temp_size_in_bytes, "argument_bytes": m.argument_size_in_bytes,
-         "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes}
-  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                       + out["temp_bytes"])
-  return out
-
-
 def run(dry_run: bool) -> dict:
   import jax
+  from benchmarks import common
   from rec_llm.models.seq_transformer import count_params, flops_per_token
+  from rec_llm.sim import measure
   from rec_llm.train import throughput, trainer
   devices = jax.devices()[:_DEVICES.value]
   config = make_config(dry_run)
@@ -84,31 +74,18 @@ def run(dry_run: bool) -> dict:
   init_s = time.perf_counter() - t
   mc = run_.model_cfg
   params = count_params(mc)
-  t = time.perf_counter()
-  step = run_.compile()
-  compile_s = time.perf_counter() - t
-  width = max(step.executables)
-  mem = memory_of(step.executables[width])
   steps, repeats = (1, 1) if dry_run else (_STEPS.value, _REPEATS.value)
-  batches = [run_.batches(i) for i in range(1 + steps)]
-  state, m = step(run_.state, batches[0])  # warm-up
-  jax.block_until_ready(m)
-  windows = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    for b in batches[1:]:
-      state, m = step(state, b)
-    jax.block_until_ready(m)
-    windows.append((time.perf_counter() - t) / steps)
-  step_s = statistics.median(windows)
+  timed = common.time_steps(run_, steps, repeats)
+  step, m, step_s = timed["step"], timed["last_metrics"], timed["step_time_s"]
+  mem = measure.memory_of(step.executables[max(step.executables)])
   peak, peak_src = throughput.total_peak_flops(devices)
   tokens = config.train.batch_size * mc.max_len
   stats = devices[0].memory_stats() or {}
   return {"benchmark": "gpu_1b", "dry_run": dry_run, "config": config.to_dict(),
           "params": params, "params_total": sum(params.values()), "devices": len(devices),
           "device_kind": devices[0].device_kind, "batch_size": config.train.batch_size,
-          "seq_len": mc.max_len, "init_s": init_s, "compile_s": compile_s,
-          "step_time_s": step_s, "windows_s": windows, "tokens_per_s": tokens / step_s,
+          "seq_len": mc.max_len, "init_s": init_s, "compile_s": timed["compile_s"],
+          "step_time_s": step_s, "windows_s": timed["windows_s"], "tokens_per_s": tokens / step_s,
           "mfu": flops_per_token(mc, mc.max_len) * tokens / step_s / peak,
           "peak_flops": peak, "peak_source": peak_src, "memory": mem,
           "device_peak_bytes_in_use": stats.get("peak_bytes_in_use"),

@@ -8,7 +8,7 @@ r"""Calibrate the 'this_machine' cluster from measurements, then predict real st
    the cross-process collectives from 2 processes x 4 devices.
 2. The *fit* plans trained for real (`trainer.build` + `run.compile()`, median of timed
    windows after a warm-up step; `--mp_fit_plans` as 2 processes x 4 devices, one JAX job
-   through jax.distributed, `data` spanning the processes), and the simulator's three
+   through jax.distributed, `data` spanning the processes), and the simulator's five
    in-step corrections fitted to them (rec_llm/sim/calibrate.py). Steps 1-2 are the
    calibration, written on their own to `--calibration_out` (what `--cluster=this_machine
    --calibration=FILE` loads; rec_llm/sim/this_machine.json is a copy).

@@ -27,9 +27,10 @@ is lost, only delayed; the invariant is new_residual + sent == grad + old_residu
   (chunks of 256), unbiased; randomness per replica and step. No error feedback.
 - 'int8': round to nearest of x / (max|chunk| / 127), chunks of 256; error feedback.
 - 'sign': sign(x) * mean|chunk|, chunks of 1,024, bits packed 8 to a byte; error feedback.
-- 'powersgd' (rank): per leaf reshaped to its most square [leading dims, trailing dims]: P = M Q, mean P, orthonormalise,
-  Q = M^T P, mean Q, approximation P Q^T (one power step, Q warm-started from the previous
-  step); leaves with ndim < 2 or fewer than 4,096 entries go dense. Error feedback.
+- 'powersgd' (rank): per leaf reshaped to its most square [leading dims, trailing dims]:
+  P = M Q, mean P, orthonormalise, Q = M^T P, mean Q, approximation P Q^T (one power step,
+  Q warm-started from the previous step); leaves with ndim < 2 or fewer than 4,096 entries
+  go dense. Error feedback.
 
 Quantised kinds ('qsgd', 'int8', 'sign') with aggregator 'ring' / 'hierarchical' make the ring
 carry encoded chunks (each reduce-scatter hop re-encodes its partial sum; that requantisation

@@ -88,8 +88,11 @@ def _model_cfg(model: dict) -> st.ModelConfig:
 
 
 def memory_of(compiled) -> dict:
-  """Bytes from `compiled.memory_analysis()`; peak = arguments + outputs - aliases + temps."""
+  """Bytes from `compiled.memory_analysis()`; peak = arguments + outputs - aliases + temps
+  ({} where the backend gives no analysis)."""
   m = compiled.memory_analysis()
+  if m is None:
+    return {}
   out = {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
          "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes}
   out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]

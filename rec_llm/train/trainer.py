@@ -190,7 +190,7 @@ def train(config: ConfigDict, workdir: str | None = None,
   compile_s = time.perf_counter() - t0
   logging.info("mesh %s | data %s (%d items) | params: %s | compiled in %.1fs",
                mesh_lib.describe(run.mesh), run.source.name, mc.num_items,
-               {k: f"{v:,}" for k, v in count_params(mc).items()}, time.perf_counter() - t0)
+               {k: f"{v:,}" for k, v in count_params(mc).items()}, compile_s)
   peak, peak_src = throughput.total_peak_flops(list(run.mesh.devices.flat),
                                                float(tc.get("peak_tflops", 0.0)))
   # Positions and model FLOPs of a step, by batch width (length buckets change both).
