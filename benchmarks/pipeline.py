@@ -119,11 +119,12 @@ def main(argv):
                                 for s in _SCHEDULES.value]:
       row, run, sizes = run_one(shape, schedule, partition)
       if schedule == _SCHEDULES.value[-1]:
-        t = adaptive.measure_stage_times(run, run.state, run.batches(0), sizes, stat=np.median)
+        t, = adaptive.measure_stage_times(run, run.state, run.batches(0), [sizes], stat=np.median)
         sched = schedules.build(schedule, shape[2], row["microbatches"])
-        row["stage_time_s"] = t
+        row["stage_time_s"] = adaptive.stage_seconds(t)
+        row["stage_tick_s"] = t
         row["bubble_fraction_measured_stage_times"] = schedules.bubble_fraction(
-            sched, [x / 3 for x in t], [2 * x / 3 for x in t])
+            sched, t["fwd"], t["bwd"])
       rows.append(row)
       print(f"{row['mesh']} {schedule:5s} stages={row['stage_layers']} "
             f"{row['step_time_s'] * 1e3:7.1f} ms  temp {row['memory']['temp_bytes'] / 2**20:6.1f} MiB  "

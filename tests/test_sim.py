@@ -171,6 +171,27 @@ def test_heterogeneous_cluster_and_balance():
   assert not why["rebalance"]
 
 
+def test_balance_checks_candidates_by_their_ticks():
+  assert balance.neighbours((3, 1, 2)) == [(2, 2, 2), (3, 2, 1)]  # stages keep >= 1 block
+  assert sorted(balance.neighbours((2, 2))) == [(1, 3), (3, 1)]
+  # Two stages: blocks cost 1 forward + 2 backward; the head (6 units, forward and backward)
+  # runs in the last stage's forward tick.
+  ticks = lambda n0, n1: {"fwd": [n0, n1 + 6.0], "bwd": [2.0 * n0, 2.0 * n1]}
+  measured = {p: ticks(*p) for p in [(4, 4), (5, 3), (6, 2)]}
+  kw = dict(microbatches=8, remaining_steps=100, bytes_per_layer=0.0, bandwidth=1.0)
+  # 1F1B's steady state follows each stage's total: (5, 3) evens 12 vs 18 into 15 vs 15.
+  new, why = balance.choose((4, 4), measured, schedule="1f1b", **kw)
+  step = {tuple(c["stage_layers"]): c["step_s"] for c in why["candidates"]}
+  assert new == (5, 3) and why["rebalance"] and step[5, 3] == min(step.values()), why
+  # GPipe: the forwards overlap the head, the backwards follow the block counts: (4, 4).
+  new, why = balance.choose((4, 4), measured, schedule="gpipe", **kw)
+  assert new == (4, 4) and not why["rebalance"], why
+  with pytest.raises(ValueError, match="must include the current partition"):
+    balance.choose((3, 5), measured, **kw)
+  with pytest.raises(ValueError, match="positive forward and backward"):
+    balance.choose((4, 4), {(4, 4): {"fwd": [1.0], "bwd": [1.0, 1.0]}}, **kw)
+
+
 def test_chrome_trace_is_valid(tmp_path):
   c = cluster.preset("h100x8")
   plan = sim.Plan(data=2, tensor=2, pipe=2, schedule="1f1b", microbatches=4)

@@ -18,20 +18,26 @@ Design (why):
   reduction would be inserted inside the loop, once per microbatch. 'tensor' stays with
   GSPMD, so the Megatron sharding of the blocks and the vocab-parallel head are reused
   as they are.
-- Each stage gathers its own blocks into [max_stage_layers, ...] slots and scans over them
-  with `lax.cond(slot < its count)`: a stage with fewer blocks skips the missing ones at run
-  time (forward and backward) instead of computing and discarding them.
+- Each stage gathers its own blocks into [max_stage_layers, ...] slots and runs the first
+  `count` of them in a while loop (`count` is per stage, so traced), taking each block's
+  `jax.vjp` and writing its residuals in place into a buffer; the backward is a second
+  while loop over the same slots, last first. A stage with fewer blocks pays nothing for the
+  padding slots. (Differentiating a scan over all slots with a `lax.cond` per slot instead
+  zero-fills the skipped slots' residuals: a padding slot then cost about 45% of a block
+  on CPU, and non-uniform partitions were slower than the uniform one.)
 - The schedule is a static tick table (rec_llm/parallel/schedules.py). At every tick each
-  stage runs at most one op: a forward (`jax.vjp` of the stage, its residuals stored in a ring
-  buffer of `in_flight` slots) or a backward (the stored vjp applied to the gradient from the
-  next stage). GPipe's table needs M slots, 1F1B's at most P: that is the memory difference.
+  stage runs at most one op: a forward (its blocks' residuals stored in a ring buffer of
+  `in_flight` slots) or a backward (the stored vjps applied to the gradient from the next
+  stage). GPipe's table needs M slots, 1F1B's at most P: that is the memory difference. The
+  ops' loops run zero iterations on ticks that are not theirs (under a cond, XLA would copy
+  the residual buffers every tick).
   Every tick ends with two ppermutes (activations forward, gradients backward).
 - The embedding runs only on stage 0 and the head only on the last stage (`lax.cond` on the
   stage index). The last stage runs the head's forward and backward in the same tick, so
   its [mb, seq, vocab/tensor] logits are never stored per microbatch; the gradient it
   yields waits in the stage's gradient slots for the blocks' backward.
-- Stored per in-flight microbatch: the stage's vjp residuals, which include each slot's
-  weights as the scan sliced them (a copy per microbatch; an inefficiency, not a bug).
+- Stored per in-flight microbatch: each block's vjp residuals, which include the block's
+  weights (a copy per microbatch; an inefficiency, not a bug).
 """
 
 import dataclasses
@@ -86,20 +92,53 @@ def _tree_zeros(shapes):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
-def _run_stage(fns: StageFns, layer_fn, sp, shared, x_in, mb, stage, count):
-  """Stage `stage`'s forward: the embedding if it is the first, then its `count` real blocks.
+def _block_residuals(layer_fn, sp, x_shape, mb):
+  """(treedef, leaf shapes) of one block's vjp residuals."""
+  treedef = []
 
-  The slots past `count` (padding up to the longest stage) are skipped by `lax.cond` at run
-  time, so a short stage does no work, forward or backward, for blocks it does not have.
+  def leaves():
+    p = jax.tree.map(lambda a: a[0], sp)
+    x = jnp.zeros(x_shape.shape, x_shape.dtype)
+    out, tdef = jax.tree.flatten(jax.vjp(lambda p_, x_: layer_fn(p_, x_, mb), p, x)[1])
+    treedef.append(tdef)
+    return out
+  shapes = jax.eval_shape(leaves)
+  return treedef[0], shapes
+
+
+def _blocks_forward(layer_fn, sp, x, mb, count, res, slot):
+  """The stage's first `count` blocks of `sp` ([width, ...] slots) on x; each block's vjp
+  residuals go to res[slot, j] (res: leaves [in_flight, width, ...]).
+
+  `count` is traced (it is per stage), so this is a while loop: the padding slots of a
+  stage shorter than the longest cost nothing, forward or backward, and the residuals are
+  written in place (a scan over all slots with a cond would zero-fill the skipped slots'
+  residuals and make every stage pay for the longest).
   """
-  x = lax.cond(stage == 0, lambda: fns.first(shared, mb), lambda: x_in)
-  width = jax.tree.leaves(sp)[0].shape[0]
+  def body(j, carry):
+    x, res = carry
+    p = jax.tree.map(lambda a: a[j], sp)
+    y, vjp_fn = jax.vjp(lambda p_, x_: layer_fn(p_, x_, mb), p, x)
+    return y, [b.at[slot, j].set(r) for b, r in zip(res, jax.tree.leaves(vjp_fn))]
+  return lax.fori_loop(0, count, body, (x, res))
 
-  def slot(x, args):
-    j, p = args
-    return lax.cond(j < count, lambda: layer_fn(p, x, mb), lambda: x), None
 
-  return lax.scan(slot, x, (jnp.arange(width), sp))[0]
+def _blocks_backward(treedef, res, slot, count, dy, g_sp):
+  """Backward of `_blocks_forward` from its stored residuals, last block first: (dx, g_sp
+  with each block's gradient added at its slot)."""
+  def body(k, carry):
+    dy, g_sp = carry
+    j = count - 1 - k
+    g_p, dx = jax.tree.unflatten(treedef, [b[slot, j] for b in res])(dy)
+    return dx, jax.tree.map(lambda acc, g: acc.at[j].add(g), g_sp, g_p)
+  return lax.fori_loop(0, count, body, (dy, g_sp))
+
+
+def _embed_backward(fns, shared, mb, dx, g_sh):
+  """g_sh plus the embedding's parameter gradient for the stage-0 input gradient dx (the
+  embedding is re-run: it is a lookup, cheaper to redo than to store)."""
+  g = jax.vjp(lambda sh: fns.first(sh, mb), shared)[1](dx)[0]
+  return jax.tree.map(jnp.add, g_sh, g)
 
 
 def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array, *, mesh: Mesh,
@@ -144,24 +183,14 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
     x_shape = jax.eval_shape(fns.first, shared, mb0)
     zeros_x = lambda: jnp.zeros(x_shape.shape, x_shape.dtype)
     head_shape = jax.eval_shape(head_vg, shared, zeros_x(), mb0)
+    sp_width = (int(index.shape[1]),)
 
-    def forward(mb, x_in):
-      """This stage's blocks (after the embedding on stage 0) and their vjp."""
-      return jax.vjp(lambda sp_, sh_, x_: _run_stage(fns, layer_fn, sp_, sh_, x_, mb, stage,
-                                                      jnp.asarray(counts)[stage]),
-                     sp, shared, x_in)
-
-    treedef = []
-
-    def res_shapes():
-      leaves, tdef = jax.tree.flatten(forward(mb0, zeros_x())[1])
-      treedef.append(tdef)
-      return leaves
-    res_shape = jax.eval_shape(res_shapes)
-
+    count = jnp.asarray(counts)[stage]
+    treedef, res_shape = _block_residuals(layer_fn, sp, x_shape, mb0)
     k_grad = max(sched.grad_slots, sched.in_flight)  # the last stage parks its head gradients
     carry = dict(
-        res=[jnp.zeros((k_res,) + r.shape, r.dtype) for r in res_shape],
+        # Uninitialised: a slot is read only after the forward of its microbatch wrote it.
+        res=[lax.empty((k_res,) + sp_width + r.shape, r.dtype) for r in res_shape],
         act=jnp.zeros((k_act,) + x_shape.shape, x_shape.dtype),
         grad=jnp.zeros((k_grad,) + x_shape.shape, x_shape.dtype),
         g_sp=jax.tree.map(jnp.zeros_like, sp), g_sh=jax.tree.map(jnp.zeros_like, shared),
@@ -172,31 +201,31 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
       op, i = op_row[stage], mb_row[stage]
       mb = jax.tree.map(lambda a: a[i], mbatch)
 
-      def do_fwd(c):
-        y, vjp_fn = forward(mb, c["act"][i % k_act])
-        res = [b.at[i % k_res].set(r) for b, r in zip(c["res"], jax.tree.leaves(vjp_fn))]
-        # The last stage runs the head forward and backward at once: its gradient waits in
-        # the stage's own (otherwise unused) gradient slots for the blocks' backward.
-        (loss, aux), (g_sh, dy) = lax.cond(
-            is_last, lambda: head_vg(shared, y, mb), lambda: _tree_zeros(head_shape))
-        grad = c["grad"].at[i % k_grad].set(
-            jnp.where(is_last, (dy * scale).astype(dy.dtype), c["grad"][i % k_grad]))
-        g_sh = jax.tree.map(lambda a, g: a + g * scale, c["g_sh"], g_sh)
-        return (res, grad, g_sh, y, c["loss"] + loss * scale,
-                jax.tree.map(jnp.add, c["aux"], aux))
+      # The blocks' loops run `count` iterations on a tick with their op and none otherwise,
+      # rather than sit under a cond: a cond would pass the residual buffers through and
+      # XLA copies them, every tick.
+      fwd, bwd = op == schedules.FWD, op == schedules.BWD
+      x = lax.cond(is_first, lambda: fns.first(shared, mb), lambda: c["act"][i % k_act])
+      y, c["res"] = _blocks_forward(layer_fn, sp, x, mb, jnp.where(fwd, count, 0), c["res"],
+                                    i % k_res)
+      y = jnp.where(fwd, y, 0)
 
-      c["res"], c["grad"], c["g_sh"], y, c["loss"], c["aux"] = lax.cond(
-          op == schedules.FWD, do_fwd,
-          lambda c: (c["res"], c["grad"], c["g_sh"], zeros_x(), c["loss"], c["aux"]), c)
+      # The last stage runs the head forward and backward at once: its gradient waits in
+      # the stage's own (otherwise unused) gradient slots for the blocks' backward.
+      def head(c):
+        (loss, aux), (g_sh, dy) = head_vg(shared, y, mb)
+        return (c["grad"].at[i % k_grad].set((dy * scale).astype(dy.dtype)),
+                jax.tree.map(lambda a, g: a + g * scale, c["g_sh"], g_sh),
+                c["loss"] + loss * scale, jax.tree.map(jnp.add, c["aux"], aux))
+      c["grad"], c["g_sh"], c["loss"], c["aux"] = lax.cond(
+          is_last & fwd, head, lambda c: (c["grad"], c["g_sh"], c["loss"], c["aux"]), c)
 
-      def do_bwd(c):
-        vjp_fn = jax.tree.unflatten(treedef[0], [b[i % k_res] for b in c["res"]])
-        g_sp, g_sh, dx = vjp_fn(c["grad"][i % k_grad])
-        return (jax.tree.map(jnp.add, c["g_sp"], g_sp), jax.tree.map(jnp.add, c["g_sh"], g_sh),
-                dx)
-
-      c["g_sp"], c["g_sh"], dx = lax.cond(
-          op == schedules.BWD, do_bwd, lambda c: (c["g_sp"], c["g_sh"], zeros_x()), c)
+      dx, c["g_sp"] = _blocks_backward(treedef, c["res"], i % k_res, jnp.where(bwd, count, 0),
+                                       c["grad"][i % k_grad], c["g_sp"])
+      dx = jnp.where(bwd, dx, 0)
+      c["g_sh"] = lax.cond(is_first & bwd,
+                           lambda: _embed_backward(fns, shared, mb, dx, c["g_sh"]),
+                           lambda: c["g_sh"])
       # Lock-step neighbours: every stage sends every tick (zeros when it had nothing).
       recv_y = lax.ppermute(y, paxis, fwd_pairs)
       recv_dx = lax.ppermute(dx, paxis, bwd_pairs)
@@ -239,37 +268,65 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
   return (loss, aux), (g_layers, g_shared)
 
 
-def measure_stage_times(fns: StageFns, layers, shared, mb, stage_layers: tuple[int, ...],
-                        remat: bool = False, repeats: int = 5, stat=np.median) -> list[float]:
-  """Seconds for each stage's forward + backward of one microbatch (`stat` of `repeats` runs;
-  np.min suits a shared machine, where noise only ever adds time).
+def measure_stage_times(fns: StageFns, layers, shared, mb, partitions, remat: bool = False,
+                        repeats: int = 5, stat=np.median) -> list[dict[str, list[float]]]:
+  """Seconds of each stage's forward tick and backward tick for one microbatch, for each
+  partition in `partitions` (a list of stage_layers tuples): [{"fwd": [per stage],
+  "bwd": [per stage]}], each the `stat` of `repeats` runs (np.min suits a shared machine,
+  where noise only ever adds time).
 
-  Runs the same stage code as the pipeline (embedding on stage 0, the skipped padding slots,
-  the head on the last stage) on one device, so the numbers show what a stage costs.
+  Runs a pipeline tick's own code on one device: the forward is the embedding (stage 0),
+  the blocks and, on the last stage, the head's forward and backward (the pipeline runs
+  them in the same tick); the backward is the blocks' backward from their stored residuals
+  and the embedding's. Every (partition, stage, op) is timed once per round, so a burst of
+  load on the host hits all of them alike and their comparison stays fair.
   """
   import time
-  counts, index, _ = stage_plan(tuple(stage_layers))
-  nstages = len(counts)
   layer_fn = jax.checkpoint(fns.layer) if remat else fns.layer
+  head_vg = jax.value_and_grad(fns.last, argnums=(0, 1), has_aux=True)
   x0 = jax.eval_shape(fns.first, shared, mb)
+  zeros_x = jnp.zeros(x0.shape, x0.dtype)
+  head_shape = jax.eval_shape(head_vg, shared, zeros_x, mb)
 
-  @jax.jit
-  def fwd_bwd(layers, shared, stage):
-    sp = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
+  def program(stage_layers):
+    counts, index, _ = stage_plan(tuple(stage_layers))
+    last = len(counts) - 1
 
-    def f(sp, shared):
-      y = _run_stage(fns, layer_fn, sp, shared, jnp.zeros(x0.shape, x0.dtype), mb, stage,
-                     jnp.asarray(counts)[stage])
-      return lax.cond(stage == nstages - 1, lambda: fns.last(shared, y, mb)[0].astype(jnp.float32),
-                      lambda: y.sum().astype(jnp.float32))
-    return jax.grad(f, argnums=(0, 1))(sp, shared)
+    def slots(layers, stage):
+      sp = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
+      return sp, jnp.asarray(counts)[stage], _block_residuals(layer_fn, sp, x0, mb)
 
-  for s in range(nstages):
-    jax.block_until_ready(fwd_bwd(layers, shared, s))  # compile / warm up
-  runs = [[] for _ in range(nstages)]
-  for _ in range(repeats):  # stages interleaved: a burst of load on the host hits them alike
-    for s in range(nstages):
+    @jax.jit
+    def fwd(layers, shared, stage):
+      sp, count, (_, res_shape) = slots(layers, stage)
+      res = [lax.empty((1, index.shape[1]) + r.shape, r.dtype) for r in res_shape]
+      x = lax.cond(stage == 0, lambda: fns.first(shared, mb), lambda: zeros_x)
+      y, res = _blocks_forward(layer_fn, sp, x, mb, count, res, 0)
+      (loss, _), (g_sh, dy) = lax.cond(stage == last, lambda: head_vg(shared, y, mb),
+                                       lambda: _tree_zeros(head_shape))
+      return res, jnp.where(stage == last, dy, 1.0), g_sh, loss
+
+    @jax.jit
+    def bwd(layers, shared, stage, res, dy, g_sh):
+      sp, count, (treedef, _) = slots(layers, stage)
+      dx, g_sp = _blocks_backward(treedef, res, 0, count, dy, jax.tree.map(jnp.zeros_like, sp))
+      return g_sp, lax.cond(stage == 0, lambda: _embed_backward(fns, shared, mb, dx, g_sh),
+                            lambda: g_sh)
+    return fwd, bwd, len(counts)
+
+  programs = [program(p) for p in partitions]
+  fwd_out, calls = {}, []
+  for i, (fwd, bwd, n) in enumerate(programs):
+    for s in range(n):
+      fwd_out[i, s] = jax.block_until_ready(fwd(layers, shared, s))  # compile / warm up
+      jax.block_until_ready(bwd(layers, shared, s, *fwd_out[i, s][:3]))
+      calls += [((i, s, "fwd"), lambda f=fwd, s=s: f(layers, shared, s)),
+                ((i, s, "bwd"), lambda b=bwd, s=s, o=fwd_out[i, s]: b(layers, shared, s, *o[:3]))]
+  runs = {key: [] for key, _ in calls}
+  for _ in range(repeats):
+    for key, call in calls:
       t = time.perf_counter()
-      jax.block_until_ready(fwd_bwd(layers, shared, s))
-      runs[s].append(time.perf_counter() - t)
-  return [float(stat(r)) for r in runs]
+      jax.block_until_ready(call())
+      runs[key].append(time.perf_counter() - t)
+  return [{op: [float(stat(runs[i, s, op])) for s in range(n)] for op in ("fwd", "bwd")}
+          for i, (_, _, n) in enumerate(programs)]

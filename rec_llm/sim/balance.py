@@ -63,9 +63,68 @@ def decide(partition, measured_stage_s, *, layer_costs, first_extra: float = 0.0
   scale = meas.sum() / np.asarray(partition_lib.stage_times(part, layer_costs, first_extra,
                                                             last_extra, speed)).sum()
   new_times = new_times * scale  # back in measured seconds
-  # backward = 2 x forward, as the FLOPs split
-  step = lambda t: sim.pipeline_seconds(t / 3, 2 * t / 3, schedule, microbatches)
-  cur_s, new_s = step(meas), step(new_times)
+  step = lambda t: _step_s(t, schedule, microbatches)
+  new, reason = _judge(part, new, step(meas), step(new_times), remaining_steps, bytes_per_layer,
+                       bandwidth, fixed_cost_s, min_gain, "for the measured speeds")
+  reason.update(measured_stage_s=meas.tolist(), inferred_speed=speed.tolist())
+  return new, reason
+
+
+def neighbours(partition) -> list[tuple[int, ...]]:
+  """The partitions one block away: one boundary between stages moved by one block (every
+  stage keeps at least one)."""
+  part, out = tuple(int(x) for x in partition), []
+  for b in range(len(part) - 1):
+    for d in (1, -1):
+      q = list(part)
+      q[b] += d
+      q[b + 1] -= d
+      if min(q) >= 1:
+        out.append(tuple(q))
+  return out
+
+
+def choose(partition, measured: dict, *, schedule: str = "1f1b", microbatches: int = 1,
+           remaining_steps: int, bytes_per_layer: float, bandwidth: float,
+           fixed_cost_s: float = 0.0, min_gain: float = 0.05) -> tuple[tuple[int, ...], dict]:
+  """(partition to use, reason) from measured tick times of candidate partitions
+  ({partition: {"fwd": [stage seconds], "bwd": [stage seconds]}}, the current one
+  included): the candidate whose ticks give the fastest step under the schedule, if the
+  change pays. The cost model proposes (`decide`); this checks the proposal and its
+  neighbours on the devices, where the model's per-block costs can be off."""
+  part = tuple(int(x) for x in partition)
+  meas = {}
+  for k, v in measured.items():
+    k = tuple(int(x) for x in k)
+    f, b = np.asarray(v["fwd"], float), np.asarray(v["bwd"], float)
+    if len(f) != len(k) or len(b) != len(k) or (f <= 0).any() or (b <= 0).any() or \
+        sum(k) != sum(part):
+      raise ValueError(f"candidate {list(k)}: need {len(k)} positive forward and backward "
+                       f"times covering {sum(part)} blocks, got {v}")
+    meas[k] = (f, b)
+  if part not in meas:
+    raise ValueError(f"measured must include the current partition {list(part)}")
+  step = {k: sim.pipeline_seconds(f, b, schedule, microbatches) for k, (f, b) in meas.items()}
+  best = min(step, key=lambda k: (step[k], k != part))  # ties keep the current partition
+  new, reason = _judge(part, best, step[part], step[best], remaining_steps, bytes_per_layer,
+                       bandwidth, fixed_cost_s, min_gain, "among the measured candidates")
+  reason.update(measured_stage_s=(meas[part][0] + meas[part][1]).tolist(),
+                candidates=[{"stage_layers": list(k), "fwd_s": f.tolist(), "bwd_s": b.tolist(),
+                             "step_s": step[k]} for k, (f, b) in meas.items()])
+  return new, reason
+
+
+def _step_s(stage_s, schedule, microbatches) -> float:
+  """Pipeline step seconds from stage forward + backward seconds (backward = 2 x forward, as
+  the FLOPs split)."""
+  t = np.asarray(stage_s, float)
+  return sim.pipeline_seconds(t / 3, 2 * t / 3, schedule, microbatches)
+
+
+def _judge(part, new, cur_s, new_s, remaining_steps, bytes_per_layer, bandwidth, fixed_cost_s,
+           min_gain, basis) -> tuple[tuple[int, ...], dict]:
+  """Whether moving from `part` to `new` pays: (partition to use, reason)."""
+  new = tuple(int(x) for x in new)
   owner = lambda p: np.repeat(np.arange(len(p)), p)
   moved = int((owner(part) != owner(new)).sum())
   nbytes = moved * float(bytes_per_layer)
@@ -74,7 +133,7 @@ def decide(partition, measured_stage_s, *, layer_costs, first_extra: float = 0.0
   total = gain * remaining_steps
   rel = gain / cur_s if cur_s > 0 else 0.0
   if new == part or moved == 0:
-    ok, why = False, "the current partition is already the best for the measured speeds"
+    ok, why = False, f"the current partition is already the best {basis}"
   elif rel < min_gain:
     ok, why = False, (f"predicted gain {100 * rel:.1f}% per step is below min_gain "
                       f"{100 * min_gain:.0f}% (measurement noise)")
@@ -86,7 +145,6 @@ def decide(partition, measured_stage_s, *, layer_costs, first_extra: float = 0.0
                      f"{total:.3g}s over {remaining_steps} steps, moving {moved} blocks costs "
                      f"{move_cost:.3g}s")
   reason = {"rebalance": ok, "reason": why, "current": list(part), "proposed": list(new),
-            "measured_stage_s": meas.tolist(), "inferred_speed": speed.tolist(),
             "predicted_step_s": {"current": cur_s, "proposed": new_s},
             "gain_per_step_s": gain, "remaining_steps": int(remaining_steps),
             "gain_total_s": total, "layers_moved": moved, "bytes_to_move": nbytes,

@@ -32,12 +32,19 @@ def _one_device(run, state, batch):
   return stage_fns(run.model_cfg, run.model_cfg.num_items + 1), params["blocks"], shared, mb, p
 
 
-def measure_stage_times(run, state, batch, sizes, repeats: int = 5, stat=np.min) -> list[float]:
-  """Each stage's forward + backward seconds for one microbatch under partition `sizes`
-  (`stat` of `repeats` runs: the fastest by default, as noise only ever adds time)."""
+def measure_stage_times(run, state, batch, partitions, repeats: int = 5,
+                        stat=np.min) -> list[dict[str, list[float]]]:
+  """Each stage's forward-tick and backward-tick seconds for one microbatch under each
+  partition in `partitions`, timed interleaved (`stat` of `repeats` runs: the fastest by
+  default, as noise only ever adds time); see pipeline.measure_stage_times."""
   fns, blocks, shared, mb, p = _one_device(run, state, batch)
-  return pipeline.measure_stage_times(fns, blocks, shared, mb, tuple(sizes), remat=p["remat"],
-                                      repeats=repeats, stat=stat)
+  return pipeline.measure_stage_times(fns, blocks, shared, mb, [tuple(x) for x in partitions],
+                                      remat=p["remat"], repeats=repeats, stat=stat)
+
+
+def stage_seconds(ticks: dict) -> list[float]:
+  """A stage's time for one microbatch: its forward tick plus its backward tick."""
+  return [f + b for f, b in zip(ticks["fwd"], ticks["bwd"])]
 
 
 def measure_costs(run, state, batch, repeats: int = 5) -> dict:
@@ -73,22 +80,37 @@ def current_partition(config: ConfigDict, num_layers: int, stages: int) -> tuple
 
 
 def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple[tuple, dict]:
-  """(stage_layers to use, the decision record to log)."""
+  """(stage_layers to use, the decision record to log).
+
+  The cost model, fed the measured costs of one block, the embedding and the head, proposes
+  a partition; the current partition, the proposal and the proposal's neighbours (one block
+  moved across one boundary) are then timed stage by stage on the device, and the fastest
+  measured one is taken if it pays (rec_llm.sim.balance.choose). The check matters: a block
+  inside a stage's loop costs more than one timed alone, so the model's split can be a
+  block off.
+  """
   t = time.perf_counter()
   cfg = run.config
   layers, stages = run.model_cfg.num_layers, run.mesh.shape["pipe"]
-  costs = measure_costs(run, state, batch, int(cfg.balance.get("repeats", 5)))
+  repeats = int(cfg.balance.get("repeats", 5))
+  costs = measure_costs(run, state, batch, repeats)
   part = current_partition(cfg, layers, stages)
   block_costs = [costs["block_s"]] * layers
-  now = partition.stage_times(part, block_costs, costs["embed_s"], costs["head_s"])
+  model_s = partition.stage_times(part, block_costs, costs["embed_s"], costs["head_s"])
   p = config_check.pipeline_config(cfg)
-  new, reason = balance.decide(
-      part, now, layer_costs=block_costs, first_extra=costs["embed_s"],
-      last_extra=costs["head_s"], schedule=p["schedule"], microbatches=p["microbatches"],
-      remaining_steps=remaining_steps, bytes_per_layer=0.0, bandwidth=1.0,
-      fixed_cost_s=float(cfg.balance.get("fixed_cost_s", -1)) if cfg.balance.get(
-          "fixed_cost_s", -1) >= 0 else recompile_s, min_gain=float(cfg.balance.get("min_gain", 0.05)))
-  reason.update(costs, predicted_stage_s=list(now), measure_s=time.perf_counter() - t)
+  judge = dict(schedule=p["schedule"], microbatches=p["microbatches"],
+               remaining_steps=remaining_steps, bytes_per_layer=0.0, bandwidth=1.0,
+               fixed_cost_s=float(cfg.balance.get("fixed_cost_s", -1)) if cfg.balance.get(
+                   "fixed_cost_s", -1) >= 0 else recompile_s,
+               min_gain=float(cfg.balance.get("min_gain", 0.05)))
+  _, model = balance.decide(part, model_s, layer_costs=block_costs, first_extra=costs["embed_s"],
+                            last_extra=costs["head_s"], **judge)
+  proposed = tuple(model["proposed"])
+  candidates = list(dict.fromkeys([part, proposed] + balance.neighbours(proposed)))
+  measured = measure_stage_times(run, state, batch, candidates, repeats)
+  new, reason = balance.choose(part, dict(zip(candidates, measured)), **judge)
+  reason.update(costs, model_proposed=list(proposed), model_stage_s=list(model_s),
+                measure_s=time.perf_counter() - t)
   return tuple(new), reason
 
 

@@ -252,8 +252,10 @@ def train(config: ConfigDict, workdir: str | None = None,
       compiled = run.compile(state)
       compile_s = time.perf_counter() - t
       repeats = int(cfg.balance.get("repeats", 5))
-      before, after = (adaptive.measure_stage_times(run, state, batch, p, repeats)
-                       for p in (reason["current"], new))
+      # Timed afresh (not the decision's numbers, which picked the fastest of several).
+      before, after = adaptive.measure_stage_times(run, state, batch, (reason["current"], new),
+                                                   repeats)
+      before, after = adaptive.stage_seconds(before), adaptive.stage_seconds(after)
       rec.update({"balance/imbalance_before": adaptive.imbalance(before),
                   "balance/imbalance_after": adaptive.imbalance(after),
                   "balance/stage_s_before": before, "balance/stage_s_after": after})
