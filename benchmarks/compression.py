@@ -1,7 +1,8 @@
 r"""Data-parallel compression on MovieLens-1M: bytes on the wire vs ranking quality.
 
   python -m benchmarks.compression --data=../shared/data/sasrec/ml-1m.txt \
-      [--steps=400] [--points=dense,topk1,...] [--out=benchmarks/results/compression.json]
+      [--steps=400] [--batch_size=128] [--points=dense,topk1,...] \
+      [--out=benchmarks/results/compression.json]
 
 Every point trains the same model from the same seed for the same number of steps on
 8 virtual devices (data=4 x tensor=2), then ranks the test items against all items.
@@ -57,6 +58,7 @@ _MAX_LEN = flags.DEFINE_integer("max_len", 50, "Window length (200 is the qualit
 _POINTS = flags.DEFINE_list("points", list(POINTS), "Which points, in order.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/compression.json", "Output JSON path.")
 _SGD_LR = flags.DEFINE_float("sgd_lr", 1.0, "Peak learning rate of the momentum-SGD points.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch (sequences per step).")
 _MERGE = flags.DEFINE_bool("merge", False, "Keep the other points already in --out (rerun some).")
 
 
@@ -65,7 +67,8 @@ def point_config(name: str, data: str, steps: int, max_len: int):
   c.data.path = data
   c.data.length_buckets = tuple(b for b in (25, 50, 100) if b < max_len)
   c.model.update(max_len=max_len, temperature=0.0)  # dot-product scores, as measured
-  c.train.update(steps=steps, warmup_steps=min(100, steps // 4), log_every=25)
+  c.train.update(steps=steps, batch_size=_BATCH.value, warmup_steps=min(100, steps // 4),
+                 log_every=25)
   c.eval.update(every_steps=0, filter_seen=False)  # seen items kept, as the table was measured
   c.checkpoint.update(every_steps=0)
   for k, v in POINTS[name].items():
@@ -100,6 +103,7 @@ def dp_bytes(config) -> dict:
 def run_point(name: str) -> dict:
   config = point_config(name, _DATA.value, _STEPS.value, _MAX_LEN.value)
   out = {"point": name, "dp": config.dp.to_dict(), "steps": _STEPS.value,
+         "batch_size": _BATCH.value, "learning_rate": config.train.learning_rate,
          "max_len": _MAX_LEN.value, **dp_bytes(config)}
   t = time.perf_counter()
   history = trainer.train(config, None)

@@ -7,7 +7,8 @@ r"""Pipeline schedules x meshes on 8 virtual devices: step time, peak memory, co
 Model: experiments/configs/default.py with 8 blocks; microbatches = 2 * pipe (the regime
 where 1F1B must need less memory than GPipe). Bytes are payload bytes per device per
 step (rec_llm/parallel/hlo_stats.py); collectives inside the per-tick branches are
-counted as if every branch ran every tick, and the formulas count the same way. Step times
+counted as if every branch ran every tick, and those inside a stage's block loops as if
+every stage had the longest stage's blocks; the formulas count the same way. Step times
 on virtual CPU devices only compare as ratios within one run.
 """
 
@@ -82,9 +83,11 @@ def run_one(shape, schedule, stage_layers):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   run.state = state  # the step donates its input state
-  measured = hlo_stats.collective_bytes(compiled.as_text(), dict(run.mesh.shape))
   mc = run.model_cfg
   sizes = pipeline.stage_sizes(mc.num_layers, pipe, sizes)
+  # The stages' block loops run each stage's own count: counted at the longest stage's.
+  measured = hlo_stats.collective_bytes(compiled.as_text(), dict(run.mesh.shape),
+                                        unknown_trip_count=max(sizes))
   formula = analytic_bytes(mc, c.train.batch_size, data, tensor, pipe, micro, max(sizes),
                            bool(c.pipeline.remat))
   check = {}

@@ -12,6 +12,9 @@ Counting conventions (per device, per step):
 - A collective inside a conditional branch is counted every time its conditional runs
   ("as if taken"): static HLO cannot know which branch runs. Pipelines therefore report an
   upper bound for collectives inside their per-tick branches (see the README formulas).
+- A while loop without a known trip count (a loop bounded by a traced value, such as a
+  pipeline stage's block loop) counts `unknown_trip_count` times if the caller gives it (an
+  upper bound such as the longest stage's block count), else it is an error.
 """
 
 import collections
@@ -118,7 +121,8 @@ def _axes_of(groups: list[list[int]], mesh_shape: dict[str, int]) -> str:
   return "+".join(n for n in names if n in varying)
 
 
-def collectives(text: str, mesh_shape: dict[str, int]) -> list[Collective]:
+def collectives(text: str, mesh_shape: dict[str, int],
+                unknown_trip_count: int | None = None) -> list[Collective]:
   """Every collective reachable from ENTRY, with its payload, count and mesh axes."""
   comps, entry = _parse(text)
   out = []
@@ -144,10 +148,12 @@ def collectives(text: str, mesh_shape: dict[str, int]) -> list[Collective]:
                               max((len(g) for g in groups), default=1)))
       if op == "while":
         trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-        if trip is None:
-          raise ValueError(f"while loop {name} has no known trip count")
+        if trip is None and unknown_trip_count is None:
+          raise ValueError(f"while loop {name} has no known trip count; pass "
+                           "unknown_trip_count (an upper bound) to count its collectives")
         body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
-        visit(body, mult * int(trip.group(1)), seen | {comp})
+        n = int(trip.group(1)) if trip else int(unknown_trip_count)
+        visit(body, mult * n, seen | {comp})
       elif op == "conditional":
         m = re.search(r"branch_computations=\{([^}]*)\}", rest)
         branches = re.findall(r"%?([\w.\-]+)", m.group(1)) if m else re.findall(
@@ -162,13 +168,14 @@ def collectives(text: str, mesh_shape: dict[str, int]) -> list[Collective]:
   return out
 
 
-def collective_bytes(text: str, mesh_shape: dict[str, int]) -> dict:
+def collective_bytes(text: str, mesh_shape: dict[str, int],
+                     unknown_trip_count: int | None = None) -> dict:
   """{'by_kind': {kind: bytes}, 'by_axis': {axes: bytes}, 'by_axis_kind': {axes: {kind: bytes}},
   'total': bytes, 'wire_by_axis': {axes: bytes}}: payload bytes per device per step, and
   the bytes each device sends with ring algorithms (see the module docstring)."""
   by_kind, by_axis, wire = collections.Counter(), collections.Counter(), collections.Counter()
   by_axis_kind = collections.defaultdict(collections.Counter)
-  for c in collectives(text, mesh_shape):
+  for c in collectives(text, mesh_shape, unknown_trip_count):
     b = c.payload * c.count
     by_kind[c.kind] += b
     by_axis[c.axes] += b

@@ -205,7 +205,7 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
       # rather than sit under a cond: a cond would pass the residual buffers through and
       # XLA copies them, every tick.
       fwd, bwd = op == schedules.FWD, op == schedules.BWD
-      x = lax.cond(is_first, lambda: fns.first(shared, mb), lambda: c["act"][i % k_act])
+      x = lax.cond(is_first & fwd, lambda: fns.first(shared, mb), lambda: c["act"][i % k_act])
       y, c["res"] = _blocks_forward(layer_fn, sp, x, mb, jnp.where(fwd, count, 0), c["res"],
                                     i % k_res)
       y = jnp.where(fwd, y, 0)
