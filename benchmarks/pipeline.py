@@ -71,7 +71,8 @@ def run_one(shape, schedule, stage_layers):
   t = time.perf_counter()
   compiled = run.compile()
   compile_s = time.perf_counter() - t
-  mem = compiled.memory_analysis()
+  program = compiled.executables[max(compiled.executables)]  # the widest batch's program
+  mem = program.memory_analysis()
   state = run.state
   batches = [run.batches(i) for i in range(_STEPS.value + 1)]
   state, m = compiled(state, batches[0])
@@ -86,7 +87,7 @@ def run_one(shape, schedule, stage_layers):
   mc = run.model_cfg
   sizes = pipeline.stage_sizes(mc.num_layers, pipe, sizes)
   # The stages' block loops run each stage's own count: counted at the longest stage's.
-  measured = hlo_stats.collective_bytes(compiled.as_text(), dict(run.mesh.shape),
+  measured = hlo_stats.collective_bytes(program.as_text(), dict(run.mesh.shape),
                                         unknown_trip_count=max(sizes))
   formula = analytic_bytes(mc, c.train.batch_size, data, tensor, pipe, micro, max(sizes),
                            bool(c.pipeline.remat))
