@@ -138,6 +138,21 @@ def test_csv_formats(data_dir, tmp_path, fmt):
   assert [s.tolist() for s in h.sequences] == [[2, 1]]
 
 
+def test_two_processes_preparing_at_once(data_dir, tmp_path, monkeypatch):
+  """The process that loses the race to rename its prepared copy reads the winner's."""
+  (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,5,1\n1,20,5,2\n")
+  want = movielens.load(str(tmp_path), "ml-20m", data_dir)  # the winner's copy
+
+  def lost_the_race(self, *a, **k):
+    raise FileExistsError("Cannot rename incomplete.X_1.0.0: destination 1.0.0 already exists")
+  monkeypatch.setattr(movielens.MovieLensHistories, "download_and_prepare", lost_the_race)
+  got = movielens.load(str(tmp_path), "ml-20m", data_dir)
+  assert [s.tolist() for s in got.sequences] == [s.tolist() for s in want.sequences] == [[1, 2]]
+  with pytest.raises(FileExistsError):  # not prepared anywhere: the error stands
+    (tmp_path / "other.csv").write_text("userId,movieId,rating,timestamp\n2,30,5,1\n")
+    movielens.load(str(tmp_path / "other.csv"), "ml-20m", data_dir)
+
+
 def test_cache_keeps_the_mapping_and_skips_parsing(data_dir, monkeypatch):
   first = movielens.load(_need(ML1M_GZ), "ml-1m", data_dir)  # Built here or by a test above.
 

@@ -349,7 +349,14 @@ class _QuietCustomConfig(logging.Filter):
 def load(path: str, fmt: str, data_dir: str | None = None) -> Histories:
   """Builds (once, cached under data_dir) and reads the histories of the raw data at `path`."""
   builder = _builder(path, fmt, data_dir)
-  builder.download_and_prepare()  # No-op when this input is already prepared.
+  try:
+    builder.download_and_prepare()  # No-op when this input is already prepared.
+  except FileExistsError:
+    # Another process prepared the same input at the same time and moved its copy into
+    # place first (TFDS prepares in a temporary directory and renames it): read that one.
+    builder = _builder(path, fmt, data_dir)
+    if not builder.is_prepared():
+      raise
   ds = builder.as_data_source(split="train")
   records = ds.__getitems__(range(len(ds)))
   # Records are stored in key-hash order: put them back in user order.
