@@ -1,7 +1,7 @@
 r"""Data-parallel compression on MovieLens-1M: bytes on the wire vs ranking quality.
 
   python -m benchmarks.compression --data=../shared/data/sasrec/ml-1m.txt \
-      [--steps=400] [--batch_size=128] [--points=dense,topk1,...] \
+      [--steps=400] [--batch_size=128] [--seed=0] [--points=dense,topk1,...] \
       [--out=benchmarks/results/compression.json]
 
 Every point trains the same model from the same seed for the same number of steps on
@@ -59,6 +59,7 @@ _POINTS = flags.DEFINE_list("points", list(POINTS), "Which points, in order.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/compression.json", "Output JSON path.")
 _SGD_LR = flags.DEFINE_float("sgd_lr", 1.0, "Peak learning rate of the momentum-SGD points.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch (sequences per step).")
+_SEED = flags.DEFINE_integer("seed", 0, "train.seed: parameters, batch order.")
 _MERGE = flags.DEFINE_bool("merge", False, "Keep the other points already in --out (rerun some).")
 
 
@@ -68,7 +69,7 @@ def point_config(name: str, data: str, steps: int, max_len: int):
   c.data.length_buckets = tuple(b for b in (25, 50, 100) if b < max_len)
   c.model.update(max_len=max_len, temperature=0.0)  # dot-product scores, as measured
   c.train.update(steps=steps, batch_size=_BATCH.value, warmup_steps=min(100, steps // 4),
-                 log_every=25)
+                 log_every=25, seed=_SEED.value)
   c.eval.update(every_steps=0, filter_seen=False)  # seen items kept, as the table was measured
   c.checkpoint.update(every_steps=0)
   for k, v in POINTS[name].items():
@@ -104,6 +105,7 @@ def run_point(name: str) -> dict:
   config = point_config(name, _DATA.value, _STEPS.value, _MAX_LEN.value)
   out = {"point": name, "dp": config.dp.to_dict(), "steps": _STEPS.value,
          "batch_size": _BATCH.value, "learning_rate": config.train.learning_rate,
+         "seed": _SEED.value,
          "max_len": _MAX_LEN.value, **dp_bytes(config)}
   t = time.perf_counter()
   history = trainer.train(config, None)
