@@ -175,17 +175,19 @@ def test_balance_checks_candidates_by_their_ticks():
   assert balance.neighbours((3, 1, 2)) == [(2, 2, 2), (3, 2, 1)]  # stages keep >= 1 block
   assert sorted(balance.neighbours((2, 2))) == [(1, 3), (3, 1)]
   # Two stages: blocks cost 1 forward + 2 backward; the head (6 units, forward and backward)
-  # runs in the last stage's forward tick.
-  ticks = lambda n0, n1: {"fwd": [n0, n1 + 6.0], "bwd": [2.0 * n0, 2.0 * n1]}
+  # sits in the last stage's backward tick.
+  ticks = lambda n0, n1: {"fwd": [n0, n1], "bwd": [2.0 * n0, 2.0 * n1 + 6.0]}
   measured = {p: ticks(*p) for p in [(4, 4), (5, 3), (6, 2)]}
-  kw = dict(microbatches=8, remaining_steps=100, bytes_per_layer=0.0, bandwidth=1.0)
-  # 1F1B's steady state follows each stage's total: (5, 3) evens 12 vs 18 into 15 vs 15.
-  new, why = balance.choose((4, 4), measured, schedule="1f1b", **kw)
-  step = {tuple(c["stage_layers"]): c["step_s"] for c in why["candidates"]}
-  assert new == (5, 3) and why["rebalance"] and step[5, 3] == min(step.values()), why
-  # GPipe: the forwards overlap the head, the backwards follow the block counts: (4, 4).
+  kw = dict(microbatches=8, remaining_steps=100, bytes_per_layer=0.0, bandwidth=1.0, min_gain=0.01)
+  # (5, 3) evens the stages (15 vs 15, from 12 vs 18). Under GPipe (a forward phase, then a
+  # backward phase as slow as its slowest stage) that is a faster step: it moves.
   new, why = balance.choose((4, 4), measured, schedule="gpipe", **kw)
-  assert new == (4, 4) and not why["rebalance"], why
+  slowest = {tuple(c["stage_layers"]): c["slowest_stage_s"] for c in why["candidates"]}
+  assert new == (5, 3) and why["rebalance"] and slowest[5, 3] == min(slowest.values()), why
+  # 1F1B's lock-step ticks pair one stage's forward with the other's backward: the even
+  # split is no faster there, so it stays.
+  new, why = balance.choose((4, 4), measured, schedule="1f1b", **kw)
+  assert new == (4, 4) and not why["rebalance"] and "below min_gain" in why["reason"], why
   with pytest.raises(ValueError, match="must include the current partition"):
     balance.choose((3, 5), measured, **kw)
   with pytest.raises(ValueError, match="positive forward and backward"):

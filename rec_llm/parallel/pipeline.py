@@ -33,9 +33,11 @@ Design (why):
   the residual buffers every tick).
   Every tick ends with two ppermutes (activations forward, gradients backward).
 - The embedding runs only on stage 0 and the head only on the last stage (`lax.cond` on the
-  stage index). The last stage runs the head's forward and backward in the same tick, so
-  its [mb, seq, vocab/tensor] logits are never stored per microbatch; the gradient it
-  yields waits in the stage's gradient slots for the blocks' backward.
+  stage index). The last stage keeps its output in its (otherwise unused) gradient slots
+  and runs the head's forward and backward in the microbatch's backward tick, so its
+  [mb, seq, vocab/tensor] logits are never stored, and a stage's forward tick is its
+  blocks' forwards, its backward tick their backwards (plus the head on the last): what
+  the balancer times.
 - Stored per in-flight microbatch: each block's vjp residuals, which include the block's
   weights (a copy per microbatch; an inefficiency, not a bug).
 """
@@ -210,18 +212,24 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
                                     i % k_res)
       y = jnp.where(fwd, y, 0)
 
-      # The last stage runs the head forward and backward at once: its gradient waits in
-      # the stage's own (otherwise unused) gradient slots for the blocks' backward.
+      # The last stage sends no activations and receives no gradients: its gradient slots
+      # hold its output until the microbatch's backward tick, which runs the head's forward
+      # and backward there (so no [mb, seq, vocab] logits are ever stored, and the head
+      # counts in the backward tick, as every stage's backward counts its blocks').
+      c["grad"] = c["grad"].at[i % k_grad].set(
+          jnp.where(is_last & fwd, y, c["grad"][i % k_grad]))
+
       def head(c):
-        (loss, aux), (g_sh, dy) = head_vg(shared, y, mb)
-        return (c["grad"].at[i % k_grad].set((dy * scale).astype(dy.dtype)),
+        (loss, aux), (g_sh, dy) = head_vg(shared, c["grad"][i % k_grad], mb)
+        return ((dy * scale).astype(dy.dtype),
                 jax.tree.map(lambda a, g: a + g * scale, c["g_sh"], g_sh),
                 c["loss"] + loss * scale, jax.tree.map(jnp.add, c["aux"], aux))
-      c["grad"], c["g_sh"], c["loss"], c["aux"] = lax.cond(
-          is_last & fwd, head, lambda c: (c["grad"], c["g_sh"], c["loss"], c["aux"]), c)
+      dy, c["g_sh"], c["loss"], c["aux"] = lax.cond(
+          is_last & bwd, head,
+          lambda c: (c["grad"][i % k_grad], c["g_sh"], c["loss"], c["aux"]), c)
 
       dx, c["g_sp"] = _blocks_backward(treedef, c["res"], i % k_res, jnp.where(bwd, count, 0),
-                                       c["grad"][i % k_grad], c["g_sp"])
+                                       dy, c["g_sp"])
       dx = jnp.where(bwd, dx, 0)
       c["g_sh"] = lax.cond(is_first & bwd,
                            lambda: _embed_backward(fns, shared, mb, dx, c["g_sh"]),
@@ -275,10 +283,9 @@ def measure_stage_times(fns: StageFns, layers, shared, mb, partitions, remat: bo
   "bwd": [per stage]}], each the `stat` of `repeats` runs (np.min suits a shared machine,
   where noise only ever adds time).
 
-  Runs a pipeline tick's own code on one device: the forward is the embedding (stage 0),
-  the blocks and, on the last stage, the head's forward and backward (the pipeline runs
-  them in the same tick); the backward is the blocks' backward from their stored residuals
-  and the embedding's. Every (partition, stage, op) is timed once per round, so a burst of
+  Runs a pipeline tick's own code on one device: the forward is the embedding (stage 0) and
+  the blocks; the backward is, on the last stage, the head's forward and backward, then the
+  blocks' backward from their stored residuals and the embedding's. Every (partition, stage, op) is timed once per round, so a burst of
   load on the host hits all of them alike and their comparison stays fair.
   """
   import time
@@ -301,14 +308,14 @@ def measure_stage_times(fns: StageFns, layers, shared, mb, partitions, remat: bo
       sp, count, (_, res_shape) = slots(layers, stage)
       res = [lax.empty((1, index.shape[1]) + r.shape, r.dtype) for r in res_shape]
       x = lax.cond(stage == 0, lambda: fns.first(shared, mb), lambda: zeros_x)
-      y, res = _blocks_forward(layer_fn, sp, x, mb, count, res, 0)
-      (loss, _), (g_sh, dy) = lax.cond(stage == last, lambda: head_vg(shared, y, mb),
-                                       lambda: _tree_zeros(head_shape))
-      return res, jnp.where(stage == last, dy, 1.0), g_sh, loss
+      return _blocks_forward(layer_fn, sp, x, mb, count, res, 0)
 
     @jax.jit
-    def bwd(layers, shared, stage, res, dy, g_sh):
+    def bwd(layers, shared, stage, y, res):
       sp, count, (treedef, _) = slots(layers, stage)
+      (_, _), (g_sh, dy) = lax.cond(stage == last, lambda: head_vg(shared, y, mb),
+                                    lambda: _tree_zeros(head_shape))
+      dy = jnp.where(stage == last, dy, 1.0)
       dx, g_sp = _blocks_backward(treedef, res, 0, count, dy, jax.tree.map(jnp.zeros_like, sp))
       return g_sp, lax.cond(stage == 0, lambda: _embed_backward(fns, shared, mb, dx, g_sh),
                             lambda: g_sh)
@@ -319,9 +326,9 @@ def measure_stage_times(fns: StageFns, layers, shared, mb, partitions, remat: bo
   for i, (fwd, bwd, n) in enumerate(programs):
     for s in range(n):
       fwd_out[i, s] = jax.block_until_ready(fwd(layers, shared, s))  # compile / warm up
-      jax.block_until_ready(bwd(layers, shared, s, *fwd_out[i, s][:3]))
+      jax.block_until_ready(bwd(layers, shared, s, *fwd_out[i, s]))
       calls += [((i, s, "fwd"), lambda f=fwd, s=s: f(layers, shared, s)),
-                ((i, s, "bwd"), lambda b=bwd, s=s, o=fwd_out[i, s]: b(layers, shared, s, *o[:3]))]
+                ((i, s, "bwd"), lambda b=bwd, s=s, o=fwd_out[i, s]: b(layers, shared, s, *o))]
   runs = {key: [] for key, _ in calls}
   for _ in range(repeats):
     for key, call in calls:

@@ -89,9 +89,14 @@ def choose(partition, measured: dict, *, schedule: str = "1f1b", microbatches: i
            fixed_cost_s: float = 0.0, min_gain: float = 0.05) -> tuple[tuple[int, ...], dict]:
   """(partition to use, reason) from measured tick times of candidate partitions
   ({partition: {"fwd": [stage seconds], "bwd": [stage seconds]}}, the current one
-  included): the candidate whose ticks give the fastest step under the schedule, if the
-  change pays. The cost model proposes (`decide`); this checks the proposal and its
-  neighbours on the devices, where the model's per-block costs can be off."""
+  included): the candidate whose slowest stage (forward + backward) is fastest, as
+  `partition.solve` minimises, taken if the schedule's simulated step says the change pays.
+  The cost model proposes (`decide`); this checks the proposal and its neighbours on the
+  devices, where the model's per-block costs can be off.
+
+  With lock-step ticks the most even split is not always the fastest step (GPipe's phases
+  wait on the slowest forward and the slowest backward separately; 1F1B pairs one stage's
+  forward with another's backward), so the step decides only whether to move."""
   part = tuple(int(x) for x in partition)
   meas = {}
   for k, v in measured.items():
@@ -105,12 +110,14 @@ def choose(partition, measured: dict, *, schedule: str = "1f1b", microbatches: i
   if part not in meas:
     raise ValueError(f"measured must include the current partition {list(part)}")
   step = {k: sim.pipeline_seconds(f, b, schedule, microbatches) for k, (f, b) in meas.items()}
-  best = min(step, key=lambda k: (step[k], k != part))  # ties keep the current partition
+  slowest = {k: float((f + b).max()) for k, (f, b) in meas.items()}
+  best = min(slowest, key=lambda k: (slowest[k], k != part))  # ties keep the current one
   new, reason = _judge(part, best, step[part], step[best], remaining_steps, bytes_per_layer,
                        bandwidth, fixed_cost_s, min_gain, "among the measured candidates")
   reason.update(measured_stage_s=(meas[part][0] + meas[part][1]).tolist(),
                 candidates=[{"stage_layers": list(k), "fwd_s": f.tolist(), "bwd_s": b.tolist(),
-                             "step_s": step[k]} for k, (f, b) in meas.items()])
+                             "slowest_stage_s": slowest[k], "step_s": step[k]}
+                            for k, (f, b) in meas.items()])
   return new, reason
 
 

@@ -163,7 +163,7 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
   fwd, bwd = L * bf, L * bb
   fwd[0] += emb / 2
   bwd[0] += emb / 2
-  fwd[-1] += head
+  bwd[-1] += head  # the pipeline runs the head in the last stage's backward tick
   groups = axis_groups(c, plan)
   act = n * m.d_model * m.act_bytes
   tp_fwd, tp_bwd = np.zeros(p), np.zeros(p)
@@ -175,7 +175,7 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
     tp_fwd = L * 2 * ar(act)
     tp_bwd = L * (ar(act) + ar(3 * act) + (2 * ar(act) if plan.remat else 0.0))
     tp_fwd[0] += ar(act)                            # embedding lookup psum
-    tp_fwd[-1] += ar(act) + 4 * ar(4 * rows * batch.seq_len)  # head: dh, softmax statistics
+    tp_bwd[-1] += ar(act) + 4 * ar(4 * rows * batch.seq_len)  # head: dh, softmax statistics
   tick_extra, p2p = 0.0, 0.0
   if p > 1:
     tick_extra = TICK_OPS * c.call_overhead
