@@ -5,7 +5,7 @@ The step, as rec_llm/train and rec_llm/parallel run it:
    (rec_llm/parallel/schedules.py). In a tick each stage runs at most one op; Megatron
    all-reduces over `tensor` block it; then activations and gradients move one stage
    (two collective-permutes, sent every tick). Ticks are lock-step: a tick lasts as long
-   as its slowest stage. The last stage runs the head forward + backward in its forward op.
+   as its slowest stage. The last stage runs the head forward + backward in its backward op.
 2. Gradients of the stages' blocks are gathered over `pipe` and the shared ones summed.
 3. The data-parallel reduction (compressed, by aggregator), overlapped with the backward
    as far as the cluster and the DP mode allow.
@@ -139,8 +139,8 @@ def replica_stage_speeds(c: Cluster, plan: Plan) -> np.ndarray:
 @dataclasses.dataclass
 class StageCosts:
   """Per stage, one microbatch on one device at speed 1 (seconds)."""
-  fwd: np.ndarray          # compute of a forward op (the last stage: + head forward/backward)
-  bwd: np.ndarray          # compute of a backward op
+  fwd: np.ndarray          # compute of a forward op
+  bwd: np.ndarray          # compute of a backward op (the last stage: + head fwd + bwd)
   tp_fwd: np.ndarray       # tensor all-reduces inside a forward op
   tp_bwd: np.ndarray
   tick_extra: float        # per tick, every stage: slot bookkeeping and dispatch
