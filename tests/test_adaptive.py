@@ -26,7 +26,7 @@ def _config(balance):
   # simulating the schedule's ticks, would not move.) min_gain 0: move whenever the
   # simulated step is faster at all, so the test does not hinge on the size of the gain.
   c.pipeline.update(schedule="gpipe", microbatches=8, stage_layers=())
-  c.balance.update(adaptive=balance, every_steps=2, fixed_cost_s=0.0, min_gain=0.0, repeats=40)
+  c.balance.update(adaptive=balance, every_steps=2, fixed_cost_s=0.0, min_gain=0.0, repeats=80)
   del c["eval"]
   return c
 

@@ -285,8 +285,9 @@ def measure_stage_times(fns: StageFns, layers, shared, mb, partitions, remat: bo
 
   Runs a pipeline tick's own code on one device: the forward is the embedding (stage 0) and
   the blocks; the backward is, on the last stage, the head's forward and backward, then the
-  blocks' backward from their stored residuals and the embedding's. Every (partition, stage, op) is timed once per round, so a burst of
-  load on the host hits all of them alike and their comparison stays fair.
+  blocks' backward from their stored residuals and the embedding's. Every (partition,
+  stage, op) is timed once per round, so a burst of load on the host hits all of them alike
+  and their comparison stays fair.
   """
   import time
   layer_fn = jax.checkpoint(fns.layer) if remat else fns.layer

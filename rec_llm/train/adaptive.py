@@ -16,7 +16,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from rec_llm.parallel import pipeline
-from rec_llm.sim import balance, partition
+from rec_llm.sim import balance, measure, partition
 from rec_llm.train import config_check
 from rec_llm.train.step import stage_fns
 
@@ -62,16 +62,8 @@ def measure_costs(run, state, batch, repeats: int = 5) -> dict:
       "head_s": (jax.jit(jax.grad(lambda sh, x: fns.last(sh, x, mb)[0], argnums=(0, 1))),
                  (shared, x)),
   }
-  out = {}
-  for name, (fn, args) in parts.items():
-    jax.block_until_ready(fn(*args))  # compile / warm up
-    runs = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      runs.append(time.perf_counter() - t)
-    out[name] = float(np.min(runs))
-  return out
+  return {name: measure.time_call(fn, *args, repeats=repeats, stat=min)
+          for name, (fn, args) in parts.items()}
 
 
 def current_partition(config: ConfigDict, num_layers: int, stages: int) -> tuple[int, ...]:
@@ -82,12 +74,12 @@ def current_partition(config: ConfigDict, num_layers: int, stages: int) -> tuple
 def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple[tuple, dict]:
   """(stage_layers to use, the decision record to log).
 
-  The cost model, fed the measured costs of one block, the embedding and the head, proposes
-  a partition; the current partition, the proposal and the proposal's neighbours (one block
-  moved across one boundary) are then timed stage by stage on the device, and the fastest
-  measured one is taken if it pays (rec_llm.sim.balance.choose). The check matters: a block
-  inside a stage's loop costs more than one timed alone, so the model's split can be a
-  block off.
+  The partition solver, fed the measured costs of one block, the embedding and the head,
+  proposes a partition; the current partition, the proposal and the proposal's neighbours
+  (one block moved across one boundary) are then timed tick by tick on the device, and the
+  one whose slowest stage is fastest is taken if the simulated schedule says it pays
+  (rec_llm.sim.balance.choose). The check matters: a block inside a stage's loop costs more
+  than one timed alone, so the model's split can be a block off.
   """
   t = time.perf_counter()
   cfg = run.config
@@ -103,9 +95,7 @@ def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple
                fixed_cost_s=float(cfg.balance.get("fixed_cost_s", -1)) if cfg.balance.get(
                    "fixed_cost_s", -1) >= 0 else recompile_s,
                min_gain=float(cfg.balance.get("min_gain", 0.05)))
-  _, model = balance.decide(part, model_s, layer_costs=block_costs, first_extra=costs["embed_s"],
-                            last_extra=costs["head_s"], **judge)
-  proposed = tuple(model["proposed"])
+  proposed, _ = partition.solve(block_costs, stages, costs["embed_s"], costs["head_s"])
   candidates = list(dict.fromkeys([part, proposed] + balance.neighbours(proposed)))
   measured = measure_stage_times(run, state, batch, candidates, repeats)
   new, reason = balance.choose(part, dict(zip(candidates, measured)), **judge)
