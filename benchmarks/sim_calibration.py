@@ -1,15 +1,15 @@
 r"""Calibrate the 'this_machine' cluster from measurements, then predict real step times.
 
   python -m benchmarks.sim_calibration [--config=experiments/configs/default.py] \
-      [--fit_plans=1x1x1,8x1x1,4x2x1,4x1x2:1f1b:8 --mp_fit_plans=8x1x1] \
-      [--plans=2x4x1,4x1x2:1f1b:4,...] [--mp_plans=4x2x1] [--steps=5 --repeats=5]
+      [--fit_plans=1x1x1,8x1x1,...] [--mp_fit_plans=8x1x1] \
+      [--plans=2x4x1,4x1x2:1f1b:4,...] [--mp_plans=4x2x1,2x4x1] [--steps=5 --repeats=5]
 
 1. rec_llm/sim/measure.py on the 8 virtual CPU devices (components, collectives, ...), and
    the cross-process collectives from 2 processes x 4 devices.
 2. The *fit* plans trained for real (`trainer.build` + `run.compile()`, median of timed
    windows after a warm-up step; `--mp_fit_plans` as 2 processes x 4 devices, one JAX job
-   through jax.distributed, `data` spanning the processes), and the simulator's five
-   in-step corrections fitted to them (rec_llm/sim/calibrate.py). Steps 1-2 are the
+   through jax.distributed, `data` spanning the processes), and the simulator's in-step
+   corrections fitted to them (rec_llm/sim/calibrate.py). Steps 1-2 are the
    calibration, written on their own to `--calibration_out` (what `--cluster=this_machine
    --calibration=FILE` loads; rec_llm/sim/this_machine.json is a copy).
 3. The *validation* plans (`--plans`, `--mp_plans`), none of them a fit plan, timed the
@@ -39,15 +39,17 @@ from ml_collections import config_flags
 from benchmarks import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Config file.")
-_FIT_PLANS = flags.DEFINE_list("fit_plans", ["1x1x1", "8x1x1", "4x2x1", "4x1x2:1f1b:8"],
+_FIT_PLANS = flags.DEFINE_list("fit_plans", ["1x1x1", "8x1x1", "4x2x1", "4x1x2:1f1b:8", "2x1x4:gpipe:8",
+                                             "2x2x2:1f1b:4"],
                                "Plans whose timed steps fit the corrections (this process).")
 _MP_FIT_PLANS = flags.DEFINE_list("mp_fit_plans", ["8x1x1"],
                                   "Fit plans run as 2 processes x 4 devices.")
 _PLANS = flags.DEFINE_list(
-    "plans", ["2x4x1", "4x1x2:1f1b:4", "2x2x2:gpipe:4", "2x1x4:1f1b:8", "1x2x4:gpipe:8",
-              "2x1x4:gpipe:16", "4x1x2:1f1b:16", "1x4x2:1f1b:8"],
+    "plans", ["2x4x1", "4x1x2:1f1b:4", "4x1x2:1f1b:16", "4x1x2:gpipe:8", "2x2x2:gpipe:4",
+              "2x1x4:1f1b:8", "2x1x4:gpipe:16", "1x2x4:gpipe:8", "1x4x2:1f1b:8", "2x2x2:1f1b:8"],
     "Validation plans, DATAxTENSORxPIPE[:schedule:microbatches], run in this process.")
-_MP_PLANS = flags.DEFINE_list("mp_plans", ["4x2x1"], "Validation plans run as 2 processes x 4 devices.")
+_MP_PLANS = flags.DEFINE_list("mp_plans", ["4x2x1", "2x4x1"],
+                              "Validation plans run as 2 processes x 4 devices.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed window.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows per plan (median reported).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/sim_calibration.json", "Result JSON.")
@@ -193,7 +195,10 @@ def fit_corrections(cal, base, fit_rows: list[dict]) -> dict:
   from rec_llm.sim import calibrate
   pred = lambda corr, i: predict(cal, base, fit_rows[i]["plan"], fit_rows[i]["processes"],
                                  corr)["step_time_s"]
-  corr = calibrate.fit(pred, [m["step_time_s"] for m in fit_rows])
+  names = list(calibrate.PARAMS)
+  if (cal.get("components") or {}).get("busy"):  # host speed is measured with all devices busy
+    names.remove("host_speedup")
+  corr = calibrate.fit(pred, [m["step_time_s"] for m in fit_rows], names)
   corr["fit_plans"] = [f"{m['plan']['spec']} x{m['processes']}" for m in fit_rows]
   print("fitted corrections:", corr, flush=True)
   return corr

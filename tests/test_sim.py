@@ -242,11 +242,14 @@ def test_step_corrections_fit_recovers_known_values():
   """Steps simulated with known corrections: the fit on them gets the corrections back, and
   a correction no fit plan exercises stays off."""
   from rec_llm.sim import calibrate
-  truth = dict(compute_scale=0.8, tp_sync_s=4e-3, tick_s=2e-3, process_compute_scale=1.8)
+  truth = dict(compute_scale=0.8, tp_sync_s_per_byte=3e-9, tick_s=2e-3,
+               pipe_buffer_s_per_byte=4e-10, process_compute_scale=1.8)
   plans = [(sim.Plan(data=4, tensor=2), 1), (sim.Plan(data=2, tensor=4), 1),
            (sim.Plan(data=4, pipe=2, schedule="1f1b", microbatches=8), 1),
+           (sim.Plan(data=2, pipe=4, schedule="gpipe", microbatches=8), 1),
            (sim.Plan(data=2, tensor=2, pipe=2, schedule="gpipe", microbatches=4), 1),
            (sim.Plan(data=8), 2)]
+  names = list(truth)
 
   def step(corr, i):
     plan, processes = plans[i]
@@ -255,16 +258,16 @@ def test_step_corrections_fit_recovers_known_values():
     return sim.simulate(DEFAULT, sim.Batch(64, 64), c, plan).step_s
 
   measured = [step(truth, i) for i in range(len(plans))]
-  got = calibrate.fit(step, measured)
+  got = calibrate.fit(step, measured, names)
   for k, v in truth.items():
     assert got[k] == pytest.approx(v, rel=0.02), k
   assert got["fit_rms_rel_error"] < 0.01
-  no_pipe = calibrate.fit(step, measured[:2])
+  no_pipe = calibrate.fit(step, measured[:2], names)
   assert "tick_s" not in no_pipe and "process_compute_scale" not in no_pipe
   # Steps far faster than the model: no correction goes below its lowest allowed value.
-  fast = calibrate.fit(step, [0.05 * m for m in measured])
-  for k, (_, lowest, _) in calibrate.PARAMS.items():
-    assert fast[k] >= lowest, k
+  fast = calibrate.fit(step, [0.05 * m for m in measured], names)
+  for k in names:
+    assert fast[k] >= calibrate.PARAMS[k][1], k
   assert fast["compute_scale"] == 0.25
 
 
@@ -297,3 +300,59 @@ def test_plan_cli(tmp_path):
   rows = [l for l in out if l.strip()[:2].strip().isdigit()]
   assert len(rows) == 3 and "x" in rows[0].split()[1]
   assert json.loads(trace.read_text())["traceEvents"]
+
+
+def _tables(per_token, tokens=(64, 128, 256, 512, 1024)):
+  """Component tables whose block / head cost per token is per_token(n)."""
+  s = [per_token(n) * n for n in tokens]
+  return {"block": {"tokens": list(tokens), "fwd_s": [x / 3 for x in s], "bwd_s": [2 * x / 3 for x in s]},
+          "embed": {"tokens": list(tokens), "fwd_bwd_s": [0.01 * x for x in s]},
+          "head": {"tokens": list(tokens), "fwd_bwd_s": s}}
+
+
+def test_shared_host_ticks_use_the_all_devices_busy_costs():
+  """With all-devices-busy tables the host's tick costs come from them (per device op, summed
+  over the busy devices): small ops that stay in cache make small microbatches cheaper, so a
+  pipeline can beat data parallelism on shared cores; without them every plan's work adds up
+  to the same and the pipeline can only cost more."""
+  flat = _tables(lambda n: 1e-6)
+  cached = _tables(lambda n: 0.6e-6 if n <= 256 else 1e-6)  # 40% cheaper in cache
+  # No in-step corrections (a pipeline tick's fixed cost would decide on so little work).
+  model = {k: getattr(DEFAULT, k) for k in ("num_items", "num_layers", "d_model", "num_heads",
+                                            "mlp_dim", "max_len", "vocab_multiple", "dtype")}
+  base = dataclasses.replace(cluster.preset("this_machine"), compute_scale=1.0, tick_s=0.0)
+  plain = dataclasses.replace(base, components={"tables": {"1": flat}, "model": model})
+  busy = dataclasses.replace(plain, components={"tables": {"1": flat}, "model": model,
+                                                "busy": {"tables": {"1": cached}}})
+  dp, pp = sim.Plan(data=8), sim.Plan(data=4, pipe=2, schedule="1f1b", microbatches=8)
+  b = sim.Batch(64, 64)
+  assert sim.simulate(DEFAULT, b, busy, pp).step_s < sim.simulate(DEFAULT, b, busy, dp).step_s
+  assert sim.simulate(DEFAULT, b, plain, pp).step_s > sim.simulate(DEFAULT, b, plain, dp).step_s
+  # DP: 8 busy devices, 512 tokens each: the busy table's cost, summed, is the compute.
+  r = sim.simulate(DEFAULT, b, busy, dp)
+  per_dev = sum(cm.component_time(busy, DEFAULT, k, 512, busy=True)
+                for k in ("embed", "head")) + 4 * sum(
+      cm.component_time(busy, DEFAULT, k, 512, busy=True) for k in ("block_fwd", "block_bwd"))
+  assert r.breakdown["compute"] == pytest.approx(8 * per_dev * busy.compute_scale, rel=1e-6)
+  # One device alone (1x1x1) is not a busy host: the single-device table.
+  one = sim.simulate(DEFAULT, b, dataclasses.replace(busy, nodes=1, devices_per_node=1), sim.Plan())
+  assert one.breakdown["compute"] == pytest.approx(
+      busy.compute_scale * 1e-6 * 4096 * (1.01 + 4), rel=1e-6)
+
+
+def test_busy_components_measures_every_split():
+  """measure.busy_components on a tiny model: a table per tensor split, a point per row count,
+  positive times that grow with the rows."""
+  import jax
+  from rec_llm.sim import measure
+  tiny = dict(num_items=1023, num_layers=2, d_model=32, num_heads=2, mlp_dim=64, max_len=16,
+              vocab_multiple=8, dtype="float32")
+  out = measure.busy_components(tiny, rows=(1, 64), depths=(1, 2), devices=jax.devices()[:4],
+                                repeats=2)
+  assert out["devices"] == 4 and set(out["tables"]) == {"1", "2"}
+  for tab in out["tables"].values():
+    assert tab["block"]["tokens"] == [16, 1024]
+    for k, col in (("block", "fwd_s"), ("block", "bwd_s"), ("embed", "fwd_bwd_s"), ("head", "fwd_bwd_s")):
+      assert all(v > 0 for v in tab[k][col]), (k, col)
+    whole = [sum(s for _, s in tab["points"][r]) for r in ("1", "64")]
+    assert whole[1] > whole[0]

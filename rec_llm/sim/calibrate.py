@@ -4,9 +4,12 @@ Microbenchmarks (measure.py) time each piece alone. Inside a real step some cost
 appear together, and on a host whose virtual devices share the cores they do not add up
 as the pieces suggest: the components run at another speed inside the whole program
 (compute_scale), devices at once gain less than the isolated concurrency test says
-(host_speedup), every tensor-parallel collective is a meeting point of the devices'
-threads (tp_sync_s), each pipeline tick has a fixed cost (its conds, slot updates and
-permutes: tick_s), and two processes slow each other's compute (process_compute_scale).
+(host_speedup; only where the calibration has no all-devices-busy tables), every
+tensor-parallel collective is a meeting point of the devices' threads, waiting longer the
+more work came before it (tp_sync_s_per_byte of its payload), each pipeline tick has a
+fixed cost (its loops, slot updates and permutes: tick_s), the pipeline's in-flight
+residuals are memory traffic outside the cache (pipe_buffer_s_per_byte), and two
+processes slow each other's compute (process_compute_scale).
 Each is one parameter of the Cluster (cluster.CORRECTIONS), fitted here by bounded least
 squares on the relative error of a few *fit* plans, about one per parameter; the simulator
 is then judged on other plans (benchmarks/sim_calibration.py), never on the fit plans.
@@ -21,8 +24,9 @@ import numpy as np
 PARAMS = {
     "compute_scale": (1.0, 0.25, 0.1),
     "host_speedup": (1.0, 0.5, 0.1),
-    "tp_sync_s": (0.0, 0.0, 1e-3),
+    "tp_sync_s_per_byte": (0.0, 0.0, 1e-9),
     "tick_s": (0.0, 0.0, 1e-3),
+    "pipe_buffer_s_per_byte": (0.0, 0.0, 1e-10),
     "process_compute_scale": (1.0, 1.0, 0.5),
 }
 

@@ -135,8 +135,11 @@ _MEASURED = {"block_fwd": ("block", "fwd_s"), "block_bwd": ("block", "bwd_s"),
              "embed": ("embed", "fwd_bwd_s"), "head": ("head", "fwd_bwd_s")}
 
 
-def component_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t: int = 1) -> float:
-  """Seconds one device (alone, at speed 1) spends on `comp` for n tokens with tensor split t.
+def component_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t: int = 1,
+                   busy: bool = False) -> float:
+  """Seconds one device (alone, at speed 1) spends on `comp` for n tokens with tensor split t;
+  `busy`: the host seconds per device op while every device of a shared host is busy
+  (measure.busy_components), where the calibration has them.
 
   Calibrated clusters interpolate the times measured for that tensor split's shard (linear
   in tokens between the measured points; the nearest measured split otherwise) and carry
@@ -144,7 +147,8 @@ def component_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t:
   """
   if n <= 0:
     return 0.0
-  tables = (c.components or {}).get("tables")
+  comps = c.components or {}
+  tables = (comps.get("busy") or {}).get("tables") if busy else comps.get("tables")
   if not tables:
     return roofline_time(c, m, comp, n, t)
   t_ref = min((int(k) for k in tables), key=lambda k: (abs(math.log(k / t)), k))

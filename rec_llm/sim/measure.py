@@ -7,7 +7,9 @@ Measured (each the median of `repeats` timed runs after a warm-up):
   the same on every device at once (what virtual devices sharing a host get together).
 - `components`: forward and backward of one block, forward + backward of the embedding and
   of the item head (final norm + vocab-parallel softmax cross-entropy + loss), on one
-  device, for several row counts and for each tensor split's shard (see `components`).
+  device, for several row counts and for each tensor split's shard (see `components`);
+  on CPU also `components["busy"]`, the same with every device busy at once, per device
+  (virtual devices sharing the host's cores: what a tick of a real step costs there).
 - `host_speedup_measured`: the model on every device at once vs one device after another
   (virtual CPU devices share the host's cores), to check cost_model.host_speedup.
 - `optimizer_s_per_param`: clip + AdamW + the non-finite guard on a flat parameter vector.
@@ -223,8 +225,14 @@ def components(model: dict, rows=(1, 4, 16, 64), depths=(1, 4), tensors=None, de
 def all_devices_time(model: dict, rows: int, devices, repeats: int = 5) -> float:
   """Seconds for every device in `devices` (this process's) to run the model's forward +
   backward on its own `rows` rows at once: the host's throughput with all devices busy."""
+  fn, args, mesh = _all_devices_call(_model_cfg(model), rows, devices)
+  with jax.set_mesh(mesh):
+    return time_call(fn, *args, repeats=repeats)
+
+
+def _all_devices_call(cfg: st.ModelConfig, rows: int, devices):
+  """(fn, args, mesh): every device's forward + backward of `cfg` on its own `rows` rows."""
   from rec_llm.parallel import sharding
-  cfg = _model_cfg(model)
   n, S = len(devices), cfg.max_len
   net, loss = _loss(cfg)
   params = nn.meta.unbox(net.init(jax.random.PRNGKey(0), jnp.ones((1, S), jnp.int32))["params"])
@@ -238,10 +246,65 @@ def all_devices_time(model: dict, rows: int, devices, repeats: int = 5) -> float
 
   many = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")),
                                out_specs=(P("data"), P("data")), check_vma=False))
-  ids = np.ones((rows * n, S), np.int32)
-  with jax.set_mesh(mesh):
-    return time_call(many, jax.device_put(params, NamedSharding(mesh, P())),
-                     jax.device_put(ids, NamedSharding(mesh, P("data"))), repeats=repeats)
+  ids = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (rows * n, S), 1, cfg.num_items + 1))
+  args = (jax.device_put(params, NamedSharding(mesh, P())),
+          jax.device_put(ids, NamedSharding(mesh, P("data"))))
+  return many, args, mesh
+
+
+def busy_components(model: dict, rows=(1, 2, 4, 8, 16, 32), depths=(1, 2, 4), tensors=None,
+                    devices=None, repeats: int = 5, embed_share: dict | None = None) -> dict:
+  """Host seconds per device op with every device busy: the tables of `components`, but
+  each point timed with all `devices` running the (shard's) model at once on their own
+  rows, divided by the device count.
+
+  On a host whose virtual devices share the cores, this is what a tick of a real step
+  costs: the host is full, and the per-row cost depends on the op's size (a 2-row op's
+  logits and activations stay in the shared cache; an 8-row op's do not: about 30% more
+  per row on the project's machine), which single-device times measured alone do not
+  show. Each point is the fastest of `repeats` rounds over all points of a tensor split
+  (interleaved, so a slow spell of the machine does not bias one row count). Per row count,
+  t(depth) = rest + depth * block by least squares over `depths`; the rest is split between
+  embedding and head as `components` measured them alone (`embed_share`: per tensor split,
+  its fit's embed_share_of_rest; else 3%).
+  """
+  cfg = _model_cfg(model)
+  devices = list(devices or jax.devices())
+  n = len(devices)
+  if tensors is None:
+    tensors = [t for t in (1, 2, 4) if cfg.num_heads % t == 0 and cfg.mlp_dim % t == 0
+               and cfg.vocab_size % t == 0 and t <= n]
+  out = {"devices": n, "tables": {}}
+  for t in tensors:
+    sc = shard_config(cfg, t)
+    calls = {(r, k): _all_devices_call(dataclasses.replace(sc, num_layers=k), r, devices)
+             for r in rows for k in depths}
+    best = {key: np.inf for key in calls}
+    for i in range(repeats):
+      for key, (fn, args, mesh) in calls.items():
+        with jax.set_mesh(mesh):
+          if i == 0:
+            jax.block_until_ready(fn(*args))  # compile and warm up
+          t0 = time.perf_counter()
+          jax.block_until_ready(fn(*args))
+          best[key] = min(best[key], time.perf_counter() - t0)
+    pts = {r: [(k, best[(r, k)] / n) for k in depths] for r in rows}
+    tab = {"block": {"tokens": [], "fwd_s": [], "bwd_s": []},
+           "embed": {"tokens": [], "fwd_bwd_s": []}, "head": {"tokens": [], "fwd_bwd_s": []},
+           "points": {str(r): [[k, s] for k, s in v] for r, v in pts.items()}}
+    share = (embed_share or {}).get(str(t), 0.03)
+    for r in rows:
+      rest, blk = _fit_line(*zip(*pts[r]))
+      rest, blk = max(rest, 1e-6), max(blk, 1e-6)
+      for k in ("block", "embed", "head"):
+        tab[k]["tokens"].append(r * cfg.max_len)
+      tab["block"]["fwd_s"].append(blk / 3)
+      tab["block"]["bwd_s"].append(2 * blk / 3)
+      tab["embed"]["fwd_bwd_s"].append(rest * share)
+      tab["head"]["fwd_bwd_s"].append(rest * (1 - share))
+    out["tables"][str(t)] = tab
+    del calls
+  return out
 
 
 def host_speedup(model: dict, rows: int = 8, devices=None, repeats: int = 5) -> dict:
@@ -367,6 +430,9 @@ def calibrate(model: dict, rows=(1, 4, 16, 64), groups=(2, 4, 8),
       "step_overhead_s": step_overhead(),
       "collectives": collectives(groups=groups, sizes=sizes, repeats=repeats),
   }
+  if dev.platform == "cpu":  # virtual devices sharing the host's cores
+    share = {t: v["fit"]["embed_share_of_rest"] for t, v in cal["components"]["tables"].items()}
+    cal["components"]["busy"] = busy_components(model, repeats=repeats, embed_share=share)
   try:
     import os
     cal["host_memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

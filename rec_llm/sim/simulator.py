@@ -143,6 +143,8 @@ class StageCosts:
   bwd: np.ndarray          # compute of a backward op (the last stage: + head fwd + bwd)
   tp_fwd: np.ndarray       # tensor all-reduces inside a forward op
   tp_bwd: np.ndarray
+  host_fwd: np.ndarray     # shared host, every device busy: host seconds per device op
+  host_bwd: np.ndarray
   tick_extra: float        # per tick, every stage: slot bookkeeping and dispatch
   p2p: float               # per tick: the two collective-permutes (0 when pipe = 1)
   tokens: int              # tokens per microbatch per device
@@ -160,18 +162,36 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
   emb = k * cm.component_time(c, mr, "embed", n, t)
   head = k * cm.component_time(c, mr, "head", n, t)
   L = np.asarray(sizes, float)
-  fwd, bwd = L * bf, L * bb
-  fwd[0] += emb / 2
-  bwd[0] += emb / 2
-  bwd[-1] += head  # the pipeline runs the head in the last stage's backward tick
+
+  def per_stage(bf, bb, emb, head):
+    fwd, bwd = L * bf, L * bb
+    fwd[0] += emb / 2
+    bwd[0] += emb / 2
+    bwd[-1] += head  # the pipeline runs the head in the last stage's backward tick
+    return fwd, bwd
+
+  fwd, bwd = per_stage(bf, bb, emb, head)
+  if c.shared_host and (c.components or {}).get("busy"):
+    # The host is full: what a device's op costs then was measured with all devices busy
+    # (its size decides whether it stays in the shared cache); processes slow each other.
+    kh = k * c.process_compute_scale
+    hf = kh * cm.component_time(c, mr, "block_fwd", n, t, busy=True)
+    hb = kh * cm.component_time(c, mr, "block_bwd", n, t, busy=True) + (hf if plan.remat else 0.0)
+    host_fwd, host_bwd = per_stage(hf, hb, kh * cm.component_time(c, mr, "embed", n, t, busy=True),
+                                   kh * cm.component_time(c, mr, "head", n, t, busy=True))
+  else:  # single-device times, devices at once gaining the host speedup
+    g = cm.host_speedup(c, 2)
+    host_fwd, host_bwd = fwd / g, bwd / g
   groups = axis_groups(c, plan)
   act = n * m.d_model * m.act_bytes
   tp_fwd, tp_bwd = np.zeros(p), np.zeros(p)
   if t > 1:
     lvl = groups["tensor"][1]
-    # + tp_sync_s: what a collective costs inside a step beyond its isolated microbenchmark
-    # (on a shared host, every device's threads meet at each one; fitted, calibrate.py).
-    ar = lambda b: collective_time(c, "all-reduce", b, t, lvl) + c.tp_sync_s
+    # + tp_sync_s_per_byte: what a collective costs inside a step beyond its isolated
+    # microbenchmark: on a shared host the devices' threads wait for each other at each
+    # one, longer the more work came before it, i.e. the more activation bytes it carries
+    # (fitted, calibrate.py).
+    ar = lambda b: collective_time(c, "all-reduce", b, t, lvl) + c.tp_sync_s_per_byte * b
     tp_fwd = L * 2 * ar(act)
     tp_bwd = L * (ar(act) + ar(3 * act) + (2 * ar(act) if plan.remat else 0.0))
     tp_fwd[0] += ar(act)                            # embedding lookup psum
@@ -180,7 +200,7 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
   if p > 1:
     tick_extra = TICK_OPS * c.call_overhead
     p2p = 2 * collective_time(c, "collective-permute", act, p, groups["pipe"][1])
-  return StageCosts(fwd, bwd, tp_fwd, tp_bwd, tick_extra, p2p, n, t)
+  return StageCosts(fwd, bwd, tp_fwd, tp_bwd, host_fwd, host_bwd, tick_extra, p2p, n, t)
 
 
 def _tick_times(sched: schedules.Schedule, costs: StageCosts, speed: np.ndarray, c: Cluster,
@@ -193,8 +213,10 @@ def _tick_times(sched: schedules.Schedule, costs: StageCosts, speed: np.ndarray,
   work = comp + costs.tick_extra
   if c.shared_host:  # every device's work shares the host's cores
     busy = (op != schedules.IDLE).sum(axis=1) * devices_per_stage
-    g = np.where(busy > 1, cm.host_speedup(c, 2), 1.0)
-    tick_comp = np.maximum(work.sum(axis=1) * devices_per_stage / g, work.max(axis=1))
+    host = np.where(op == schedules.FWD, costs.host_fwd / speed,
+                    np.where(op == schedules.BWD, costs.host_bwd / speed, 0.0))
+    host = np.where((busy > 1)[:, None], host + costs.tick_extra, work)
+    tick_comp = np.maximum(host.sum(axis=1) * devices_per_stage, work.max(axis=1))
     tick = tick_comp + comm.max(axis=1)
   else:
     tick_comp = work.max(axis=1)
@@ -302,7 +324,7 @@ def straggler_factor(sigma: float, devices: int, averaged_steps: int = 1) -> flo
 def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bool = False) -> Result:
   """Predicts one step of `plan`. Breakdown (seconds): pipeline (ticks, bubbles included),
   compute / tensor_comm / pipe_p2p (their shares of it), bubble_s, pipe_grads (gradient
-  gather over pipe), dp_comm (one reduction), dp_exposed (what the mode and overlap leave
+  gather over pipe), pipe_buffers (the in-flight residuals' memory traffic), dp_comm (one reduction), dp_exposed (what the mode and overlap leave
   on the critical path), compression, optimizer, straggler_s, overhead."""
   sizes = check_plan(m, batch, c, plan)
   d_, t, p, mb = plan.data, plan.tensor, plan.pipe, plan.microbatches
@@ -348,7 +370,13 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   if c.shared_host:  # every device's optimizer and compression run on the same cores
     g = cm.host_speedup(c, n_dev)
     opt, comp_s = max(opt * n_dev / g, opt), max(comp_s * n_dev / g, comp_s)
-  compute_total = pipe_s + pipe_grads + opt + comp_s
+  mem = memory(m, batch, c, plan, sizes)
+  # The pipeline's in-flight residuals (ring buffers of activations and weight copies) are
+  # written and read outside the cache, once a step: on a shared host all devices' add up.
+  buffers_s = 0.0
+  if p > 1:
+    buffers_s = c.pipe_buffer_s_per_byte * mem["activations"] * (n_dev if c.shared_host else 1)
+  compute_total = pipe_s + pipe_grads + buffers_s + opt + comp_s
   if plan.dp_mode == "stale":
     lag = plan.staleness + 1
   elif plan.dp_mode == "local_sgd":
@@ -369,10 +397,9 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
     dp_exposed = dp / plan.local_steps
   step = compute_total + straggler_s + dp_exposed + c.step_overhead
   tokens = batch.global_batch * batch.seq_len
-  mem = memory(m, batch, c, plan, sizes)
   breakdown = {"pipeline": pipe_s, "compute": compute_s, "tensor_comm": tp_s, "pipe_p2p": p2p_s,
                "bubble_s": pipe_s * bubble if p > 1 else 0.0, "pipe_grads": pipe_grads,
-               "dp_comm": dp, "dp_exposed": dp_exposed, "compression": comp_s,
+               "pipe_buffers": buffers_s, "dp_comm": dp, "dp_exposed": dp_exposed, "compression": comp_s,
                "optimizer": opt, "straggler_s": straggler_s, "overhead": c.step_overhead}
   res = Result(plan=plan, step_s=step, tokens_per_s=tokens / step,
                mfu=cm.model_flops_per_token(m, batch.seq_len) * tokens / (c.total_peak_flops * step),
