@@ -1,8 +1,8 @@
 r"""Calibrate the 'this_machine' cluster from measurements, then predict real step times.
 
   python -m benchmarks.sim_calibration [--config=experiments/configs/default.py] \
-      [--fit_plans=1x1x1,8x1x1,...] [--mp_fit_plans=8x1x1] \
-      [--plans=2x4x1,4x1x2:1f1b:4,...] [--mp_plans=4x2x1,2x4x1] [--steps=5 --repeats=5]
+      [--fit_plans=1x1x1,8x1x1,...] [--mp_fit_plans=8x1x1,4x2x1] \
+      [--plans=4x1x2:1f1b:4,...] [--mp_plans=2x4x1,4x1x2:1f1b:8] [--steps=5 --repeats=5]
 
 1. rec_llm/sim/measure.py on the 8 virtual CPU devices (components, collectives, ...), and
    the cross-process collectives from 2 processes x 4 devices.
@@ -15,6 +15,11 @@ r"""Calibrate the 'this_machine' cluster from measurements, then predict real st
 3. The *validation* plans (`--plans`, `--mp_plans`), none of them a fit plan, timed the
    same way and predicted from the calibration alone: measured vs predicted, relative
    error, Spearman rank correlation. Only these rows count toward the target.
+4. A second check: leave-one-out over every timed plan (each predicted by corrections
+   fitted to all the others).
+
+The corrections need many fit plans: with about one plan per correction the fit follows the
+noise of single timings (a correction trades against another from run to run).
 
 `--calibration=FILE` skips steps 1-2 and uses that file. `--from_results=FILE` re-fits and
 re-predicts a previous run's measurements (no timing), for checking a cost-model change
@@ -39,16 +44,17 @@ from ml_collections import config_flags
 from benchmarks import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Config file.")
-_FIT_PLANS = flags.DEFINE_list("fit_plans", ["1x1x1", "8x1x1", "4x2x1", "4x1x2:1f1b:8", "2x1x4:gpipe:8",
-                                             "2x2x2:1f1b:4"],
+_FIT_PLANS = flags.DEFINE_list("fit_plans", ["1x1x1", "8x1x1", "4x2x1", "2x4x1", "4x1x2:1f1b:8",
+                                             "4x1x2:1f1b:16", "4x1x2:gpipe:8", "2x1x4:1f1b:8",
+                                             "2x2x2:1f1b:4", "1x2x4:gpipe:8"],
                                "Plans whose timed steps fit the corrections (this process).")
-_MP_FIT_PLANS = flags.DEFINE_list("mp_fit_plans", ["8x1x1"],
+_MP_FIT_PLANS = flags.DEFINE_list("mp_fit_plans", ["8x1x1", "4x2x1"],
                                   "Fit plans run as 2 processes x 4 devices.")
 _PLANS = flags.DEFINE_list(
-    "plans", ["2x4x1", "4x1x2:1f1b:4", "4x1x2:1f1b:16", "4x1x2:gpipe:8", "2x2x2:gpipe:4",
-              "2x1x4:1f1b:8", "2x1x4:gpipe:16", "1x2x4:gpipe:8", "1x4x2:1f1b:8", "2x2x2:1f1b:8"],
+    "plans", ["4x1x2:1f1b:4", "4x1x2:gpipe:4", "2x2x2:gpipe:4", "2x1x4:gpipe:8",
+              "2x1x4:gpipe:16", "1x4x2:1f1b:8", "2x2x2:1f1b:8", "1x2x4:1f1b:8", "2x2x2:gpipe:8"],
     "Validation plans, DATAxTENSORxPIPE[:schedule:microbatches], run in this process.")
-_MP_PLANS = flags.DEFINE_list("mp_plans", ["4x2x1", "2x4x1"],
+_MP_PLANS = flags.DEFINE_list("mp_plans", ["2x4x1", "4x1x2:1f1b:8"],
                               "Validation plans run as 2 processes x 4 devices.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed window.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows per plan (median reported).")
@@ -191,7 +197,7 @@ def spearman(a, b) -> float:
   return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def fit_corrections(cal, base, fit_rows: list[dict]) -> dict:
+def fit_corrections(cal, base, fit_rows: list[dict], verbose: bool = True) -> dict:
   from rec_llm.sim import calibrate
   pred = lambda corr, i: predict(cal, base, fit_rows[i]["plan"], fit_rows[i]["processes"],
                                  corr)["step_time_s"]
@@ -200,8 +206,26 @@ def fit_corrections(cal, base, fit_rows: list[dict]) -> dict:
     names.remove("host_speedup")
   corr = calibrate.fit(pred, [m["step_time_s"] for m in fit_rows], names)
   corr["fit_plans"] = [f"{m['plan']['spec']} x{m['processes']}" for m in fit_rows]
-  print("fitted corrections:", corr, flush=True)
+  if verbose:
+    print("fitted corrections:", corr, flush=True)
   return corr
+
+
+def leave_one_out(cal, base, every: list[dict]) -> dict:
+  """A second check, over every timed plan (fit and validation): each predicted by
+  corrections fitted to all the others."""
+  errs = []
+  for i, m in enumerate(every):
+    corr = fit_corrections(cal, base, every[:i] + every[i + 1:], verbose=False)
+    p = predict(cal, base, m["plan"], m["processes"], corr)["step_time_s"]
+    errs.append((p - m["step_time_s"]) / m["step_time_s"])
+  meas = [m["step_time_s"] for m in every]
+  out = {"plans": [f"{m['plan']['spec']} x{m['processes']}" for m in every], "rel_error": errs,
+         "within_25pct": int(sum(abs(e) <= 0.25 for e in errs)), "max_abs_rel_error": max(map(abs, errs)),
+         "spearman": spearman(meas, [t * (1 + e) for t, e in zip(meas, errs)])}
+  print("leave-one-out over all %d plans: %d within 25%%, largest %.1f%%, Spearman %.2f" % (
+      len(every), out["within_25pct"], 100 * out["max_abs_rel_error"], out["spearman"]), flush=True)
+  return out
 
 
 def report(cal, base, measured: list[dict], fit_rows: list[dict]) -> dict:
@@ -226,7 +250,8 @@ def report(cal, base, measured: list[dict], fit_rows: list[dict]) -> dict:
              "corrections": cal.get("step_corrections"),
              "target": "every validation plan within 25% and Spearman >= 0.8"}
   print(summary)
-  return {"fit_rows": fit_rows, "rows": rows, "summary": summary}
+  loo = leave_one_out(cal, base, fit_rows + list(measured)) if fit_rows else None
+  return {"fit_rows": fit_rows, "rows": rows, "summary": summary, "leave_one_out": loo}
 
 
 def _save_partial(cal, fit_rows, measured):

@@ -3,7 +3,8 @@
 Microbenchmarks (measure.py) time each piece alone. Inside a real step some costs only
 appear together, and on a host whose virtual devices share the cores they do not add up
 as the pieces suggest: the components run at another speed inside the whole program
-(compute_scale), devices at once gain less than the isolated concurrency test says
+(compute_scale) and inside a pipeline's stage loops (pipe_compute_scale, relative to
+that), devices at once gain less than the isolated concurrency test says
 (host_speedup; only where the calibration has no all-devices-busy tables), every
 tensor-parallel collective is a meeting point of the devices' threads, waiting longer the
 more work came before it (tp_sync_s_per_byte of its payload), each pipeline tick has a
@@ -23,6 +24,7 @@ import numpy as np
 # name: (the value that switches the effect off, the lowest allowed, step for the derivative)
 PARAMS = {
     "compute_scale": (1.0, 0.25, 0.1),
+    "pipe_compute_scale": (1.0, 0.25, 0.1),
     "host_speedup": (1.0, 0.5, 0.1),
     "tp_sync_s_per_byte": (0.0, 0.0, 1e-9),
     "tick_s": (0.0, 0.0, 1e-3),

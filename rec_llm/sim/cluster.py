@@ -58,6 +58,7 @@ class Cluster:
   # Fitted to timed training steps of a few plans (rec_llm/sim/calibrate.py); these
   # defaults leave the analytic model as it is.
   compute_scale: float = 1.0          # in-step compute over the components' measured times
+  pipe_compute_scale: float = 1.0     # and inside a pipeline's stage loops, relative to that
   tp_sync_s_per_byte: float = 0.0     # s per byte of a tensor all-reduce beyond its alpha-beta
   tick_s: float = 0.0                 # s per pipeline tick: its loops, slot updates, meetings
   pipe_buffer_s_per_byte: float = 0.0  # s per byte of the pipeline's in-flight residuals
@@ -180,7 +181,7 @@ def this_machine(calibration: dict | None = None, processes: int = 1, devices: i
       source=cal.get("source", "defaults measured on the project's 2-core machine"))
 
 
-CORRECTIONS = ("compute_scale", "host_speedup", "tp_sync_s_per_byte", "tick_s",
+CORRECTIONS = ("compute_scale", "pipe_compute_scale", "host_speedup", "tp_sync_s_per_byte", "tick_s",
                "pipe_buffer_s_per_byte", "process_compute_scale")
 
 

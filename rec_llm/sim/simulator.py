@@ -156,7 +156,7 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
   rows = batch.global_batch // (d_ * mb)
   n = rows * batch.seq_len
   mr = dataclasses.replace(m, max_len=batch.seq_len)  # attention over the batch's width
-  k = c.compute_scale
+  k = c.compute_scale * (c.pipe_compute_scale if p > 1 else 1.0)
   bf = k * cm.component_time(c, mr, "block_fwd", n, t)
   bb = k * cm.component_time(c, mr, "block_bwd", n, t) + (bf if plan.remat else 0.0)
   emb = k * cm.component_time(c, mr, "embed", n, t)
