@@ -145,6 +145,7 @@ class StageCosts:
   tp_bwd: np.ndarray
   host_fwd: np.ndarray     # shared host, every device busy: host seconds per device op
   host_bwd: np.ndarray
+  head: float              # the head's forward + backward (inside bwd[-1])
   tick_extra: float        # per tick, every stage: slot bookkeeping and dispatch
   p2p: float               # per tick: the two collective-permutes (0 when pipe = 1)
   tokens: int              # tokens per microbatch per device
@@ -200,7 +201,7 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
   if p > 1:
     tick_extra = TICK_OPS * c.call_overhead
     p2p = 2 * collective_time(c, "collective-permute", act, p, groups["pipe"][1])
-  return StageCosts(fwd, bwd, tp_fwd, tp_bwd, host_fwd, host_bwd, tick_extra, p2p, n, t)
+  return StageCosts(fwd, bwd, tp_fwd, tp_bwd, host_fwd, host_bwd, head, tick_extra, p2p, n, t)
 
 
 def _tick_times(sched: schedules.Schedule, costs: StageCosts, speed: np.ndarray, c: Cluster,
@@ -389,7 +390,8 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   # reduces each layer's gradients inside the backward loop; pipe > 1: one reduction
   # after the schedule, nothing to hide behind); in 'stale', the next steps' compute.
   if plan.dp_mode == "sync":
-    window = float(costs.bwd[0] / row[0]) if p == 1 else 0.0
+    # (the blocks' backward: the head's comes first, before any block gradient exists)
+    window = float((costs.bwd[0] - costs.head) / row[0]) if p == 1 else 0.0
     dp_exposed = max(0.0, dp - c.overlap * window)
   elif plan.dp_mode == "stale":
     dp_exposed = max(0.0, dp - c.overlap * compute_total)
