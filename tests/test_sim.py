@@ -318,9 +318,11 @@ def test_shared_host_ticks_use_the_all_devices_busy_costs():
   flat = _tables(lambda n: 1e-6)
   cached = _tables(lambda n: 0.6e-6 if n <= 256 else 1e-6)  # 40% cheaper in cache
   # No in-step corrections (a pipeline tick's fixed cost would decide on so little work).
+  from rec_llm.sim import calibrate
+  neutral = {k: v[0] for k, v in calibrate.PARAMS.items()}
   model = {k: getattr(DEFAULT, k) for k in ("num_items", "num_layers", "d_model", "num_heads",
                                             "mlp_dim", "max_len", "vocab_multiple", "dtype")}
-  base = dataclasses.replace(cluster.preset("this_machine"), compute_scale=1.0, tick_s=0.0)
+  base = dataclasses.replace(cluster.preset("this_machine"), **neutral)
   plain = dataclasses.replace(base, components={"tables": {"1": flat}, "model": model})
   busy = dataclasses.replace(plain, components={"tables": {"1": flat}, "model": model,
                                                 "busy": {"tables": {"1": cached}}})
