@@ -61,10 +61,22 @@ def uninterrupted(tmp_path_factory):
   return _losses(workdir)
 
 
+def _committed_steps(workdir):
+  """Checkpoint steps orbax has finished (renamed from their temporary directory)."""
+  d = os.path.join(workdir, "checkpoints")
+  return [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+
+
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
   kill_at = random.Random().randint(6, STEPS - 6)
   proc = _start(str(tmp_path))
   _wait_for_step(proc, str(tmp_path), kill_at)
+  # Saves are asynchronous: on a loaded machine the first may still be in flight at the
+  # kill step, and the run would rightly start over. Kill once one is committed.
+  deadline = time.time() + 60
+  while not _committed_steps(str(tmp_path)) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert _committed_steps(str(tmp_path)), "no checkpoint committed before the kill"
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=30)
   p = run_trainer(ARGS + [f"--workdir={tmp_path}"], timeout=180)
