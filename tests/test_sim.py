@@ -243,12 +243,12 @@ def test_step_corrections_fit_recovers_known_values():
   a correction no fit plan exercises stays off."""
   from rec_llm.sim import calibrate
   truth = dict(compute_scale=0.8, tp_sync_s_per_byte=3e-9, tick_s=2e-3,
-               pipe_buffer_s_per_byte=4e-10, process_compute_scale=1.8)
+               pipe_buffer_s_per_byte=4e-10, process_compute_scale=1.8, inter_sync_s=0.03)
   plans = [(sim.Plan(data=4, tensor=2), 1), (sim.Plan(data=2, tensor=4), 1),
            (sim.Plan(data=4, pipe=2, schedule="1f1b", microbatches=8), 1),
            (sim.Plan(data=2, pipe=4, schedule="gpipe", microbatches=8), 1),
            (sim.Plan(data=2, tensor=2, pipe=2, schedule="gpipe", microbatches=4), 1),
-           (sim.Plan(data=8), 2)]
+           (sim.Plan(data=8), 2), (sim.Plan(data=4, pipe=2, schedule="1f1b", microbatches=8), 2)]
   names = list(truth)
 
   def step(corr, i):
@@ -264,6 +264,7 @@ def test_step_corrections_fit_recovers_known_values():
   assert got["fit_rms_rel_error"] < 0.01
   no_pipe = calibrate.fit(step, measured[:2], names)
   assert "tick_s" not in no_pipe and "process_compute_scale" not in no_pipe
+  assert "inter_sync_s" not in no_pipe
   # Steps far faster than the model: no correction goes below its lowest allowed value.
   fast = calibrate.fit(step, [0.05 * m for m in measured], names)
   for k in names:

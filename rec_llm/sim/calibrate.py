@@ -9,8 +9,9 @@ that), devices at once gain less than the isolated concurrency test says
 tensor-parallel collective is a meeting point of the devices' threads, waiting longer the
 more work came before it (tp_sync_s_per_byte of its payload), each pipeline tick has a
 fixed cost (its loops, slot updates and permutes: tick_s), the pipeline's in-flight
-residuals are memory traffic outside the cache (pipe_buffer_s_per_byte), and two
-processes slow each other's compute (process_compute_scale).
+residuals are memory traffic outside the cache (pipe_buffer_s_per_byte), two processes
+may slow each other's compute (process_compute_scale), and each data-parallel collective
+across processes is a meeting of the processes (inter_sync_s).
 Each is one parameter of the Cluster (cluster.CORRECTIONS), fitted here by bounded least
 squares on the relative error of a few *fit* plans, about one per parameter; the simulator
 is then judged on other plans (benchmarks/sim_calibration.py), never on the fit plans.
@@ -30,6 +31,7 @@ PARAMS = {
     "tick_s": (0.0, 0.0, 1e-3),
     "pipe_buffer_s_per_byte": (0.0, 0.0, 1e-10),
     "process_compute_scale": (1.0, 1.0, 0.5),
+    "inter_sync_s": (0.0, 0.0, 1e-3),
 }
 
 

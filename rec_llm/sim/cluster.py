@@ -63,6 +63,7 @@ class Cluster:
   tick_s: float = 0.0                 # s per pipeline tick: its loops, slot updates, meetings
   pipe_buffer_s_per_byte: float = 0.0  # s per byte of the pipeline's in-flight residuals
   process_compute_scale: float = 1.0  # compute slowdown when processes share the host
+  inter_sync_s: float = 0.0           # s per data-parallel collective across nodes, beyond it
   source: str = "datasheet"
 
   @property
@@ -182,7 +183,7 @@ def this_machine(calibration: dict | None = None, processes: int = 1, devices: i
 
 
 CORRECTIONS = ("compute_scale", "pipe_compute_scale", "host_speedup", "tp_sync_s_per_byte", "tick_s",
-               "pipe_buffer_s_per_byte", "process_compute_scale")
+               "pipe_buffer_s_per_byte", "process_compute_scale", "inter_sync_s")
 
 
 def step_corrections(cal: dict, processes: int = 1) -> dict:
@@ -191,6 +192,7 @@ def step_corrections(cal: dict, processes: int = 1) -> dict:
   out = {k: float(fit[k]) for k in CORRECTIONS if k in fit}
   if processes <= 1:
     out.pop("process_compute_scale", None)
+    out.pop("inter_sync_s", None)
   return out
 
 

@@ -360,6 +360,11 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   payload = cm.dp_payload_bytes(leaves, kind, plan.ratio, plan.bits, plan.rank) \
       if d_ > 1 else 0.0
   dp = dp_time(c, plan, payload, groups)
+  if d_ > 1 and groups["data"][1] == "inter":
+    # Each data-parallel collective across nodes is also a meeting of the processes
+    # (inter_sync_s, fitted): GSPMD reduces each block's gradients and the shared ones
+    # separately inside the backward (pipe = 1); the pipeline, its two sums once.
+    dp += c.inter_sync_s * ((m.num_layers + 2) if p == 1 else 2)
   n_dev = c.devices
   local_params = m.num_layers * cm.block_params(m, t) + cm.shared_params(m, t)
   opt = cm.optimizer_time(c, local_params)
