@@ -143,6 +143,23 @@ def shard_config(cfg: st.ModelConfig, t: int) -> st.ModelConfig:
                       shard_head_dim=cfg.head_dim)
 
 
+def _tables(seq_len: int, rest_block: dict, embed_share: float) -> dict:
+  """Component tables from {rows: (rest, one block)} seconds of forward + backward: a
+  block's forward : backward split is its FLOPs' 1 : 2; the rest is embedding and head in
+  the ratio `embed_share`; every time at least 1 us."""
+  out = {"block": {"tokens": [], "fwd_s": [], "bwd_s": []},
+         "embed": {"tokens": [], "fwd_bwd_s": []}, "head": {"tokens": [], "fwd_bwd_s": []}}
+  for r, (rest, blk) in rest_block.items():
+    rest, blk = max(rest, 1e-6), max(blk, 1e-6)
+    for k in ("block", "embed", "head"):
+      out[k]["tokens"].append(r * seq_len)
+    out["block"]["fwd_s"].append(blk / 3)
+    out["block"]["bwd_s"].append(2 * blk / 3)
+    out["embed"]["fwd_bwd_s"].append(rest * embed_share)
+    out["head"]["fwd_bwd_s"].append(rest * (1 - embed_share))
+  return out
+
+
 def _component_tables(cfg, rows, depths, device, repeats):
   """See `components`; one tensor shard."""
   from rec_llm.parallel import vocab_parallel
@@ -177,16 +194,8 @@ def _component_tables(cfg, rows, depths, device, repeats):
   design = np.stack([np.ones_like(r_), r_, k_, k_ * r_], 1) / t_[:, None]
   (a0, a1, b0, b1), *_ = np.linalg.lstsq(design, np.ones_like(t_), rcond=None)
   embed_share = float(np.median([e / (e + h) for e, h in parts]))
-  out = {"block": {"tokens": [], "fwd_s": [], "bwd_s": []},
-         "embed": {"tokens": [], "fwd_bwd_s": []}, "head": {"tokens": [], "fwd_bwd_s": []}}
-  for r in sorted(set(rows) | {1, 2, 4, 8, 16, 32, 64}):
-    rest, blk = max(a0 + a1 * r, 1e-6), max(b0 + b1 * r, 1e-6)
-    for k in ("block", "embed", "head"):
-      out[k]["tokens"].append(r * S)
-    out["block"]["fwd_s"].append(blk / 3)
-    out["block"]["bwd_s"].append(2 * blk / 3)
-    out["embed"]["fwd_bwd_s"].append(rest * embed_share)
-    out["head"]["fwd_bwd_s"].append(rest * (1 - embed_share))
+  grid = sorted(set(rows) | {1, 2, 4, 8, 16, 32, 64})
+  out = _tables(S, {r: (a0 + a1 * r, b0 + b1 * r) for r in grid}, embed_share)
   out["fit"] = {"formula": "t = a0 + a1*rows + depth*(b0 + b1*rows)",
                 "a0": a0, "a1": a1, "b0": b0, "b1": b1, "embed_share_of_rest": embed_share,
                 "rel_residual_rms": float(np.sqrt(np.mean((design @ [a0, a1, b0, b1] - 1) ** 2)))}
@@ -289,19 +298,9 @@ def busy_components(model: dict, rows=(1, 2, 4, 8, 16, 32), depths=(1, 2, 4), te
           jax.block_until_ready(fn(*args))
           best[key] = min(best[key], time.perf_counter() - t0)
     pts = {r: [(k, best[(r, k)] / n) for k in depths] for r in rows}
-    tab = {"block": {"tokens": [], "fwd_s": [], "bwd_s": []},
-           "embed": {"tokens": [], "fwd_bwd_s": []}, "head": {"tokens": [], "fwd_bwd_s": []},
-           "points": {str(r): [[k, s] for k, s in v] for r, v in pts.items()}}
-    share = (embed_share or {}).get(str(t), 0.03)
-    for r in rows:
-      rest, blk = _fit_line(*zip(*pts[r]))
-      rest, blk = max(rest, 1e-6), max(blk, 1e-6)
-      for k in ("block", "embed", "head"):
-        tab[k]["tokens"].append(r * cfg.max_len)
-      tab["block"]["fwd_s"].append(blk / 3)
-      tab["block"]["bwd_s"].append(2 * blk / 3)
-      tab["embed"]["fwd_bwd_s"].append(rest * share)
-      tab["head"]["fwd_bwd_s"].append(rest * (1 - share))
+    tab = _tables(cfg.max_len, {r: _fit_line(*zip(*pts[r])) for r in rows},
+                  (embed_share or {}).get(str(t), 0.03))
+    tab["points"] = {str(r): [[k, s] for k, s in v] for r, v in pts.items()}
     out["tables"][str(t)] = tab
     del calls
   return out

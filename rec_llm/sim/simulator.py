@@ -325,8 +325,9 @@ def straggler_factor(sigma: float, devices: int, averaged_steps: int = 1) -> flo
 def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bool = False) -> Result:
   """Predicts one step of `plan`. Breakdown (seconds): pipeline (ticks, bubbles included),
   compute / tensor_comm / pipe_p2p (their shares of it), bubble_s, pipe_grads (gradient
-  gather over pipe), pipe_buffers (the in-flight residuals' memory traffic), dp_comm (one reduction), dp_exposed (what the mode and overlap leave
-  on the critical path), compression, optimizer, straggler_s, overhead."""
+  gather over pipe), pipe_buffers (the in-flight residuals' memory traffic), dp_comm (one
+  reduction), dp_exposed (what the mode and overlap leave on the critical path),
+  compression, optimizer, straggler_s, overhead."""
   sizes = check_plan(m, batch, c, plan)
   d_, t, p, mb = plan.data, plan.tensor, plan.pipe, plan.microbatches
   groups = axis_groups(c, plan)
@@ -406,7 +407,8 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   tokens = batch.global_batch * batch.seq_len
   breakdown = {"pipeline": pipe_s, "compute": compute_s, "tensor_comm": tp_s, "pipe_p2p": p2p_s,
                "bubble_s": pipe_s * bubble if p > 1 else 0.0, "pipe_grads": pipe_grads,
-               "pipe_buffers": buffers_s, "dp_comm": dp, "dp_exposed": dp_exposed, "compression": comp_s,
+               "pipe_buffers": buffers_s, "dp_comm": dp, "dp_exposed": dp_exposed,
+               "compression": comp_s,
                "optimizer": opt, "straggler_s": straggler_s, "overhead": c.step_overhead}
   res = Result(plan=plan, step_s=step, tokens_per_s=tokens / step,
                mfu=cm.model_flops_per_token(m, batch.seq_len) * tokens / (c.total_peak_flops * step),
