@@ -1,7 +1,7 @@
-"""Adaptive load balancing: from a poor partition (even blocks, the heavy item head on the
-last stage) the trainer re-partitions at the first check, the stage times measured afterwards
-are even (max / mean <= 1.10), and the losses equal a run that never re-balanced (rtol 1e-5:
-only the partition differs, which the pipeline tests show exact).
+"""Adaptive load balancing: from a poor partition (3 and 9 blocks, the heavy item head on the
+last stage too) the trainer re-partitions at the first check, the stage times measured afterwards
+are even (max / mean <= 1.10), and the losses equal a run that never re-balanced (`LAYOUT_RTOL`:
+only the partition differs, which changes the order of float32 sums at most).
 
 Stage times are wall-clock on a shared CPU: each is the fastest of `balance.repeats` runs,
 with all stages and partitions timed in turn, so load from elsewhere must hit every run of
@@ -11,12 +11,16 @@ one stage to skew it.
 import numpy as np
 
 from rec_llm.train import adaptive, trainer
-from tests.helpers import tiny_config
+from tests import numerics
+from tests.helpers import LAYOUT_RTOL, tiny_config
 
 
 def _config(balance):
   c = tiny_config(data=4, tensor=1, pipe=2)
-  # 12 blocks and an item head costing many of them: the even split (6, 6) is slow.
+  # 12 blocks and an item head costing many of them: (3, 9) is slow. (From the even split
+  # the simulated gain of GPipe's best move is only ~3%: each tick's fixed cost dominates
+  # these tiny ops, and on a machine busy with other tests that is within noise. From
+  # (3, 9) it is ~15%, so the decision does not hinge on the noise.)
   c.model.update(num_layers=12, d_model=64, num_heads=2, mlp_dim=256, max_len=32)
   c.data.num_items = 20000
   c.train.update(steps=4, batch_size=64, log_every=1)
@@ -25,8 +29,8 @@ def _config(balance):
   # forward with another's backward: there an even split gains little, and the balancer,
   # simulating the schedule's ticks, would not move.) min_gain 0: move whenever the
   # simulated step is faster at all, so the test does not hinge on the size of the gain.
-  c.pipeline.update(schedule="gpipe", microbatches=8, stage_layers=())
-  c.balance.update(adaptive=balance, every_steps=2, fixed_cost_s=0.0, min_gain=0.0, repeats=80)
+  c.pipeline.update(schedule="gpipe", microbatches=8, stage_layers=(3, 9))
+  c.balance.update(adaptive=balance, every_steps=2, fixed_cost_s=0.0, min_gain=0.0, repeats=40)
   del c["eval"]
   return c
 
@@ -39,9 +43,9 @@ def test_rebalances_and_keeps_the_losses():
   d = decisions[0]
   b = d["balance"]
   assert b["rebalance"], b["reason"]
-  assert b["current"] == [6, 6] and b["proposed"][0] > 6  # blocks move off the head's stage
+  assert b["current"] == [3, 9] and b["proposed"][0] > 6  # blocks move off the head's stage
   after = d["balance/stage_s_after"]
   assert d["balance/imbalance_after"] <= 1.10, (after, b)
   assert d["balance/imbalance_after"] < d["balance/imbalance_before"], d
   loss = lambda h: np.array([r["loss"] for r in h if "loss" in r])
-  np.testing.assert_allclose(loss(adapted), loss(fixed), rtol=1e-5)
+  numerics.check_close("losses", loss(adapted), loss(fixed), LAYOUT_RTOL * loss(fixed))

@@ -13,6 +13,8 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from rec_llm.parallel import collectives, compression, hlo_stats
+from tests import numerics
+from tests.numerics import U32, U_BF16
 
 N = 8
 MESH = jax.make_mesh((N,), ("data",), axis_types=(AxisType.Auto,))
@@ -56,19 +58,45 @@ def test_ring_and_hierarchical_equal_psum():
 
   y = jax.jit(jax.shard_map(lambda a: f(a, N, algos), mesh=MESH, in_specs=P("data"),
                             out_specs=P("data")))(x)
-  ref = np.asarray(x).mean(0)
-  np.testing.assert_allclose(np.asarray(y[0, 0]), ref, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(y), np.broadcast_to(y[:1, :1], y.shape), atol=1e-6)
+  ref = np.asarray(x, np.float64).mean(0)
+  # Each is the mean of the same 8 float32 numbers, summed in another order: within the
+  # worst-case error of an 8-term sum of each (the division by n is exact, n = 2^3).
+  bound = 2 * numerics.sum_bound(x) / N
+  for j in range(len(algos) + 1):
+    numerics.check_close(f"algorithm {j} vs exact mean", y[0, j], ref, bound / 2)
+    numerics.check_close(f"algorithm {j} vs psum", y[:, j], np.broadcast_to(y[:1, 0], y[:, j].shape),
+                         bound)
+  _same_on_replicas(y)
 
   # data=4 x tensor=2: the two tensor ranks hold different arrays and reduce independently.
   spec = P(("data", "tensor"))
   y = jax.jit(jax.shard_map(lambda a: f(a, 4, algos[:2]), mesh=MESH_DT, in_specs=spec,
                             out_specs=spec))(x)
   y = np.asarray(y).reshape(4, 2, 3, 37, 5)
-  ref = np.asarray(x).reshape(4, 2, 37, 5).mean(0)  # [tensor, ...]
+  xs = np.asarray(x, np.float64).reshape(4, 2, 37, 5)
+  ref, bound = xs.mean(0), numerics.sum_bound(xs) / 4  # [tensor, ...]
   for d in range(4):
     for j in range(3):
-      np.testing.assert_allclose(y[d, :, j], ref, atol=1e-6)
+      numerics.check_close(f"data=4 x tensor=2, replica {d}, algorithm {j}", y[d, :, j], ref,
+                           bound)
+
+
+def _powersgd_full_rank_bound(mean, q0, n):
+  """Spectral-norm bound on |PowerSGD at full rank - M| for M [a, b], one power step from Q0.
+
+  In exact arithmetic P = M Q0 spans range(M) (Q0 [b, r] has full row rank r = rank M),
+  so orthonormalising P and projecting M onto it returns M. In float32 the product and the
+  n-replica mean of P err by E with ||E|| <= u (sqrt(b) + log2 n) ||M|| ||Q0|| (a b-term
+  dot product per entry, probabilistic growth; the mean's log2 n pairwise sums). P - E =
+  M Q0, so M = (P - E) Q0^+ and the part of M outside range(P) is at most
+  ||E|| ||Q0^+||: the error is u (sqrt(b) + log2 n) cond(Q0) ||M||. A random Gaussian Q0
+  is ill-conditioned when square (cond ~ 430 for the [64, 64] Q0 below), which is why
+  one fixed absolute tolerance cannot serve. The Householder QR and the final products
+  add O(u sqrt(b)) ||M||, far below this term when cond(Q0) >> 1.
+  """
+  q0 = np.asarray(q0, np.float64)
+  return (U32 * (math.sqrt(mean.shape[1]) + math.log2(n)) * np.linalg.cond(q0)
+          * np.linalg.norm(mean, 2))
 
 
 def test_powersgd_full_rank_is_dense_and_low_rank_feeds_back():
@@ -77,16 +105,29 @@ def test_powersgd_full_rank_is_dense_and_low_rank_feeds_back():
   mean = {k: np.asarray(v).mean(0) for k, v in g.items()}
   for rank in (96, 3):
     comp = compression.make("powersgd", axis="data", replicas=N, rank=rank)
-    state = _per_replica(comp.init(jax.tree.map(lambda x: x[0], g)))
+    state0 = comp.init(jax.tree.map(lambda x: x[0], g))
+    state = _per_replica(state0)
     step = _stepper(comp)
     out, state = _np(step(g, state))
     _same_on_replicas((out, state.q))
     if rank == 96:
       for k in shapes:
-        np.testing.assert_allclose(out[k][0], mean[k], atol=1e-5)
+        lay = compression._powersgd_layout(shapes[k], rank)
+        if lay is None:  # sent dense: a plain 8-term mean
+          numerics.check_close(f"{k} dense", out[k][0], mean[k], numerics.sum_bound(g[k]) / N)
+          continue
+        a, b, _ = lay
+        err = np.linalg.norm((out[k][0] - mean[k]).reshape(a, b).astype(np.float64), 2)
+        numerics.check(f"{k} full rank vs dense mean (spectral norm)", err,
+                       _powersgd_full_rank_bound(mean[k].reshape(a, b), state0.q[k], N))
     else:  # what was not sent is in the residuals: mean(sent) + mean(residual) = mean(grad)
       for k in shapes:
-        np.testing.assert_allclose(out[k][0] + state.residual[k].mean(0), mean[k], atol=1e-5)
+        # residual_i = M_i - P Q_i^T (1 rounding each side), numpy's 8-term mean of them
+        # (N - 1 roundings), the rank-r products P Q^T (r terms), the final sum: each error
+        # is a few u times the largest |M_i| of the entry.
+        scale = np.abs(np.asarray(g[k])).max(0) + np.abs(out[k][0])
+        numerics.check_close(f"{k} sent + residual", out[k][0] + state.residual[k].mean(0),
+                             mean[k], numerics.gamma(N + rank + 3) * scale)
       assert np.abs(state.residual["w"]).max() > 0.1
       assert state.q["w"].shape == (N, 96, 3) and state.q["b"].shape == (N, 0)
       out2, _ = _np(step(g, jax.tree.map(jnp.asarray, state)))  # warm-started Q, 2nd step
@@ -112,7 +153,8 @@ def test_qsgd_unbiased():
   out, state = _np(_stepper(comp)(g, _per_replica(comp.init({"w": g["w"][0]}))))
   _same_on_replicas(out)
   assert (state.step == 1).all()
-  np.testing.assert_allclose(out["w"][0], np.asarray(g["w"]).mean(0), atol=0.05)
+  numerics.check_close("qsgd through the ring", out["w"][0], np.asarray(g["w"]).mean(0),
+                       numerics.ring_codec_bound(g["w"], 127, True, compression.QSGD_CHUNK))
 
 
 @pytest.mark.parametrize("kind,aggregator", [
@@ -130,7 +172,10 @@ def test_error_feedback_invariant(kind, aggregator):
   sent = {k: acc[k] - new.residual[k] for k in shapes}  # residual + sent == grad + residual
   for k in shapes:
     assert np.abs(old[k]).max() > 0  # the first step left something behind
-    np.testing.assert_allclose(out[k][0], sent[k].mean(0), atol=1e-6)
+    # `sent` recomputed here from the state (two float32 roundings of |acc| each), then the
+    # 8-term mean of it in either program: gamma(N + 2) of the entries' magnitudes.
+    numerics.check_close(f"{k} mean of sent", out[k][0], sent[k].mean(0),
+                         numerics.gamma(N + 2) * 2 * (np.abs(acc[k]) + np.abs(sent[k])).mean(0))
     if kind == "topk":  # per leaf one block, ceil(0.05 * size) entries, bf16 values
       assert ((sent[k] != 0).reshape(N, -1).sum(1) <= math.ceil(0.05 * g2[k][0].size)).all()
       np.testing.assert_array_equal(sent[k], sent[k].astype(jnp.bfloat16).astype(np.float32))
@@ -147,7 +192,9 @@ def test_error_feedback_invariant(kind, aggregator):
     for r in (0, N - 1):
       # acc in the update's (sorted-key) flat order
       want = compression.roundtrip(codec, jnp.asarray(flat(acc, r)))
-      np.testing.assert_allclose(flat(sent, r), np.asarray(want), atol=1e-6)
+      # acc - (acc - sent) here vs sent in the step: two roundings of the operands' size.
+      numerics.check_close(f"{kind} codec, replica {r}", flat(sent, r), np.asarray(want),
+                           numerics.gamma(2) * (np.abs(flat(acc, r)) + np.abs(np.asarray(want))))
 
 
 def test_dgc_ratio_one_is_dense_mean_and_momentum_masks():
@@ -158,8 +205,11 @@ def test_dgc_ratio_one_is_dense_mean_and_momentum_masks():
   out, state = _np(_stepper(comp)(g, _per_replica(comp.init(jax.tree.map(lambda x: x[0], g)))))
   _same_on_replicas(out)
   for k in shapes:  # dense up to the bf16 rounding of the values, which stays in the residual
-    np.testing.assert_allclose(out[k][0], mean[k], atol=2 ** -8 * np.abs(mean[k]).max() * 4)
-    np.testing.assert_allclose(out[k][0] + state.residual[k].mean(0), mean[k], atol=1e-6)
+    mean_abs = np.abs(np.asarray(g[k])).mean(0)  # the sum's |terms| / N
+    numerics.check_close(f"{k} ratio 1 vs dense", out[k][0], mean[k],
+                         U_BF16 * mean_abs + numerics.gamma(2 * N) * mean_abs)
+    numerics.check_close(f"{k} ratio 1 sent + residual", out[k][0] + state.residual[k].mean(0),
+                         mean[k], numerics.gamma(N + 3) * 2 * mean_abs)
 
   comp = compression.make("topk", axis="data", replicas=N, aggregator="sparse", ratio=0.1,
                           momentum=0.9)
@@ -171,11 +221,18 @@ def test_dgc_ratio_one_is_dense_mean_and_momentum_masks():
   for k in shapes:
     u = 0.9 * s1.momentum[k] + g2[k]  # local momentum, then accumulated into v
     sent = s1.residual[k] + u - s2.residual[k]
-    mask = np.abs(sent) > 1e-4  # (elsewhere sent is float noise: kernel vs numpy rounding)
+    # Recomputed here, u and v differ from the step's by a few roundings (numpy vs XLA, with
+    # or without FMA): where nothing was sent, `sent` is that noise, below `noise`.
+    noise = numerics.gamma(4) * (np.abs(s1.residual[k]) + 0.9 * np.abs(s1.momentum[k])
+                                 + np.abs(g2[k]) + np.abs(s2.residual[k]))
+    mask = np.abs(sent) > noise
     assert 0 < mask.mean() <= 0.11
     np.testing.assert_array_equal(s2.momentum[k][mask], 0)  # momentum factor masking
-    np.testing.assert_allclose(s2.momentum[k][~mask], u[~mask], atol=1e-6)
-    np.testing.assert_array_less(np.abs(s2.residual[k][mask]), 2 ** -8 * np.abs(sent[mask]))
+    numerics.check_close(f"{k} momentum kept", s2.momentum[k][~mask], u[~mask], noise[~mask])
+    # bf16 keeps 8 significant bits: what stays behind where sent is its rounding error,
+    # at most u_bf16 |rounded value|.
+    numerics.check(f"{k} bf16 residual", np.abs(s2.residual[k][mask]),
+                   U_BF16 * np.abs(sent[mask]) + noise[mask])
 
 
 SHAPES = {"b": (96,), "e": (300, 64), "w": (256, 96)}
@@ -200,10 +257,17 @@ def test_measured_bytes_match_payload_bytes(kind, aggregator, group):
   out, _ = _np(step(g, state))
   _same_on_replicas(out)
   if kind in ("none", "int8"):
-    for k in SHAPES:
-      ref = np.asarray(g[k]).mean(0)
-      err = np.linalg.norm(out[k][0] - ref) / np.linalg.norm(ref)
-      assert err < (1e-6 if kind == "none" else 0.05)
+    # Per entry: the 8-term sum's rounding, plus for int8 the ring's quantised partial sums
+    # (half a level of each block's scale per encoding); compared in norm per leaf.
+    flat = np.concatenate([np.asarray(g[k]).reshape(N, -1) for k in sorted(SHAPES)], axis=1)
+    bound = (numerics.sum_bound(flat) / N if kind == "none" else
+             numerics.ring_codec_bound(flat, 127, False, compression.INT8_CHUNK))
+    pos = 0
+    for k in sorted(SHAPES):
+      ref, size = np.asarray(g[k], np.float64).mean(0), math.prod(SHAPES[k])
+      numerics.check(f"{kind}/{aggregator} {k} (norm)", np.linalg.norm(out[k][0] - ref),
+                     np.linalg.norm(bound[pos:pos + size]))
+      pos += size
 
 
 @pytest.mark.parametrize("kwargs,needle", [

@@ -1,10 +1,10 @@
 """The `dp` step (rec_llm/train/dp_step.py): its modes reduce to the synchronous step, its
 compressors train, and bad settings give clear errors.
 
-Tolerances (float32, data=4 x tensor=2): 'stale' with tau = 0 and the ring aggregator compute
-the synchronous losses to rtol 1e-6 (only the order of the data-parallel sum differs);
-'local_sgd' with H = 1 (inner SGD, outer SGD with lr 1 and no momentum: the mean of the
-replicas' steps) equals synchronous SGD to rtol 1e-6.
+Tolerance `LAYOUT_RTOL` (tests/helpers.py), data=4 x tensor=2: 'stale' with tau = 0 and the
+hierarchical aggregator compute the synchronous losses (only the order of the data-parallel
+sum differs); 'local_sgd' with H = 1 (inner SGD, outer SGD with lr 1 and no momentum: the
+mean of the replicas' steps) equals synchronous SGD up to the same reordering.
 """
 
 import jax
@@ -13,7 +13,8 @@ import pytest
 
 from rec_llm.errors import ConfigError
 from rec_llm.train import config_check, trainer
-from tests.helpers import step_losses, tiny_config
+from tests import numerics
+from tests.helpers import LAYOUT_RTOL, step_losses, tiny_config
 
 STEPS = 3
 
@@ -46,21 +47,23 @@ def sync():
 def test_reduces_to_sync(sync, dp):
   got, state = _losses(_config(grad_clip=0.0, **dp))
   assert state.dp is not None  # the explicit data-parallel step ran, not GSPMD's
-  np.testing.assert_allclose(got, sync["adamw"], rtol=1e-6)
+  numerics.check_close("losses", got, sync["adamw"], LAYOUT_RTOL * np.abs(sync["adamw"]))
 
 
 def test_local_sgd_one_step_is_sync_sgd(sync):
   got, _ = _losses(_config(optimizer="sgd", grad_clip=0.0, mode="local_sgd", local_steps=1,
                            outer_lr=1.0, outer_momentum=0.0))
-  np.testing.assert_allclose(got, sync["sgd"], rtol=1e-6)
+  numerics.check_close("losses", got, sync["sgd"], LAYOUT_RTOL * np.abs(sync["sgd"]))
 
 
 def test_local_copies_drift_between_syncs(sync):
   local, state = _losses(_config(grad_clip=0.0, mode="local_sgd", local_steps=3), steps=4)
   replicas = jax.device_get(state.dp["local_params"]["item_embedding"])
   assert not np.allclose(replicas[0], replicas[1])  # one local step since the sync at step 3
-  np.testing.assert_allclose(local[:1], sync["adamw"][:1], rtol=1e-6)
-  assert not np.allclose(local[1:STEPS], sync["adamw"][1:], rtol=1e-4)
+  numerics.check_close("first loss", local[:1], sync["adamw"][:1],
+                       LAYOUT_RTOL * np.abs(sync["adamw"][:1]))
+  # ... and later ones differ by far more than reordering could explain.
+  assert (np.abs(local[1:STEPS] - sync["adamw"][1:]) > 10 * LAYOUT_RTOL * sync["adamw"][1:]).all()
 
 
 def test_stale_skips_nonfinite_step_and_keeps_state(sync):
@@ -68,7 +71,7 @@ def test_stale_skips_nonfinite_step_and_keeps_state(sync):
                                   inject_nonfinite_steps=(2,)))
   assert np.isnan(losses[2]) and np.isfinite(losses[[0, 1]]).all()
   # Step 0 only fills the queue, so step 1 still sees the initial parameters.
-  assert not np.isclose(losses[1], sync["adamw"][1], rtol=1e-4)
+  assert abs(losses[1] - sync["adamw"][1]) > 10 * LAYOUT_RTOL * sync["adamw"][1]
   assert int(state.skipped) == 1
   leaves = jax.tree.leaves(jax.device_get((state.params, state.dp)))
   assert all(np.isfinite(x).all() for x in leaves)

@@ -10,10 +10,13 @@ import time
 import numpy as np
 import pytest
 
+from experiments.configs import smoke
+from tests import numerics
 from tests.conftest import ROOT
-from tests.helpers import run_trainer
+from tests.helpers import LAYOUT_RTOL, run_trainer
 
 ARGS = ["--config=experiments/configs/smoke.py", "--config.train.steps=6", "--config.train.log_every=1"]
+EVAL_USERS = smoke.get_config().data.eval_users
 
 
 def _records(workdir):
@@ -35,13 +38,16 @@ def test_two_processes_match_one_process(tmp_path):
   p2 = run_trainer(ARGS + [f"--workdir={two}"], timeout=180, launcher=2)
   assert p2.returncode == 0, p2.stderr[-3000:]
   assert "process 1/2" in p2.stdout + p2.stderr  # really two processes
-  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+  numerics.check_close("losses", _losses(two), _losses(one), LAYOUT_RTOL * np.abs(_losses(one)))
   assert len(_losses(two)) == 6
-  # Evaluation gathers ranks from both processes: the same metrics as one process.
+  # Evaluation gathers ranks from both processes: the same metrics as one process. The
+  # parameters differ by the reordered cross-process sums, so a user whose target ties
+  # another item to within that error may rank it either way; each such user moves a
+  # metric by at most 1 / users. Near-ties that close are rare: allow one.
   want, got = _test_metrics(one), _test_metrics(two)
   assert want and got.keys() == want.keys()
   for k in want:
-    assert got[k] == pytest.approx(want[k], abs=1e-9), k
+    numerics.check(k, abs(got[k] - want[k]), 1 / EVAL_USERS)
 
 
 def _children(pid):
