@@ -11,17 +11,19 @@ same programs are compiled (vector width, instruction set, kernels, optimisation
 records for every check how close its error came to its bound (`ratio`, <= 1 passes).
 A ratio near 1 on any variant means the bound is about to fail on some machine.
 
-Variants (XLA_FLAGS added to the 8 virtual devices):
+Variants (XLA_FLAGS added to the 8 virtual devices; all but `o0` at XLA's default
+optimisation level 2, what users run):
   default    this machine's native code
   sse4_2     --xla_cpu_max_isa=SSE4_2: 128-bit vectors, no FMA
   avx2       --xla_cpu_max_isa=AVX2: 256-bit vectors
-  o0         --xla_backend_optimization_level=0: no LLVM optimisation (other fusion order)
+  o0         --xla_backend_optimization_level=0: no LLVM optimisation, what the test suite
+             compiles with for speed (tests/conftest.py)
   ynn_dot    --xla_cpu_experimental_ynn_fusion_type=dot: another matmul library
   fast_math  --xla_cpu_enable_fast_math=true: reassociation and approximate exp/log allowed;
              a stress test beyond IEEE arithmetic (a failure here is information, not a bug)
 
-Each variant runs `pytest -n 2 --dist loadfile` with its own compilation cache; about 4
-minutes a variant on the 2-core machine with the default tests.
+Each variant runs `pytest -n 2 --dist loadfile`; about 4 minutes a variant on the 2-core
+machine with the default tests.
 """
 
 import json
@@ -35,13 +37,14 @@ from absl import app, flags
 
 from benchmarks import common
 
+O2 = "--xla_backend_optimization_level=2"
 VARIANTS = {
-    "default": "",
-    "sse4_2": "--xla_cpu_max_isa=SSE4_2",
-    "avx2": "--xla_cpu_max_isa=AVX2",
+    "default": O2,
+    "sse4_2": f"{O2} --xla_cpu_max_isa=SSE4_2",
+    "avx2": f"{O2} --xla_cpu_max_isa=AVX2",
     "o0": "--xla_backend_optimization_level=0",
-    "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
-    "fast_math": "--xla_cpu_enable_fast_math=true",
+    "ynn_dot": f"{O2} --xla_cpu_experimental_ynn_fusion_type=dot",
+    "fast_math": f"{O2} --xla_cpu_enable_fast_math=true",
 }
 TESTS = ["tests/test_compression.py", "tests/test_equivalence.py", "tests/test_pipeline.py",
          "tests/test_dp.py", "tests/test_model.py", "tests/test_eval.py"]
@@ -55,8 +58,7 @@ def run_variant(name: str, tests: list[str]) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     report = os.path.join(tmp, "report.jsonl")
     env = dict(os.environ, REC_LLM_NUMERICS_REPORT=report,
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[name]).strip(),
-               JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, "jax_cache"))
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[name]).strip())
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile",
                         "-p", "no:cacheprovider", *tests], cwd=common.ROOT, env=env,

@@ -1,5 +1,6 @@
 """Small shared pieces for the tests."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import ml_collections
 import numpy as np
 
 from tests import numerics
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SUBPROCESS_XLA_FLAGS
 
 
 def tiny_config(**mesh) -> ml_collections.ConfigDict:
@@ -23,14 +24,40 @@ def tiny_config(**mesh) -> ml_collections.ConfigDict:
   return c
 
 
+def subprocess_env(**extra) -> dict:
+  """The environment for a trainer or launcher subprocess: the tests' XLA flags without
+  the device count (the trainer / launcher choose it)."""
+  return dict(os.environ, PYTHON=sys.executable, XLA_FLAGS=SUBPROCESS_XLA_FLAGS, **extra)
+
+
 def run_trainer(args, timeout=120, env=None, launcher=None):
   """Runs the trainer CLI (or `launch/local.sh N`) in a subprocess; returns CompletedProcess."""
-  full_env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
-  full_env.pop("XLA_FLAGS", None)  # let the trainer / launcher choose the device count
+  full_env = subprocess_env(**(env or {}))
   cmd = ([sys.executable, "-m", "experiments.train"] if launcher is None
          else ["bash", os.path.join(ROOT, "launch", "local.sh"), str(launcher)])
   return subprocess.run(cmd + list(args), cwd=ROOT, env=full_env, capture_output=True,
                         text=True, timeout=timeout)
+
+
+def logged_losses(workdir) -> dict[int, float]:
+  """step -> loss from WORKDIR/metrics.jsonl, the last record of each step winning (a
+  resumed run logs again the steps after its checkpoint)."""
+  out = {}
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    rec = json.loads(line)
+    if "loss" in rec:
+      out[rec["step"]] = rec["loss"]
+  return out
+
+
+def one_error(p, needle: str, code: int = 2) -> str:
+  """Asserts a command ended with exit `code` and exactly one `error:` line containing
+  `needle`, and no traceback; returns that line."""
+  assert p.returncode == code, (p.returncode, p.stderr[-3000:])
+  assert "Traceback" not in p.stderr, p.stderr[-3000:]
+  errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and needle in errors[0], p.stderr[-3000:]
+  return errors[0]
 
 
 def step_losses(run, steps: int):

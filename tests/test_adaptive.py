@@ -10,7 +10,7 @@ one stage to skew it.
 
 import numpy as np
 
-from rec_llm.train import adaptive, trainer
+from rec_llm.train import trainer
 from tests import numerics
 from tests.helpers import LAYOUT_RTOL, tiny_config
 

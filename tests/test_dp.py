@@ -23,8 +23,10 @@ def _config(**dp):
   c = tiny_config(data=4, tensor=2)
   c.train.warmup_steps = 0
   for k, v in dp.items():
-    if k in ("optimizer", "grad_clip", "inject_nonfinite_steps"):
+    if k in ("optimizer", "grad_clip"):
       c.train[k] = v
+    elif k == "inject_nonfinite_steps":
+      c.train.inject_nonfinite.gradients = v
     elif k in ("kind", "ratio", "bits", "rank", "momentum"):
       c.dp.compression[k] = v
     else:

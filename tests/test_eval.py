@@ -72,6 +72,77 @@ def test_full_ranking_metrics_equal_brute_force_with_ties(data, tensor, filter_s
     assert got[k] == pytest.approx(want[k], abs=1e-12), k  # small integers: exact scores
 
 
+def _rule_ranks(scores, targets, num_valid, seen=None):
+  """The rank definition (vocab_parallel.ahead_of_target) by brute force in float64: items
+  1..num_valid-1 other than the target (and, with `seen`, other than the user's seen
+  items) that score higher, score equal with a lower id, or have a non-finite score; all
+  of them when the target's own score is not finite."""
+  ranks = []
+  for u, t in enumerate(targets):
+    items = np.arange(1, num_valid)
+    keep = items != t
+    if seen is not None:
+      keep &= ~np.isin(items, seen[u])
+    s, st = scores[u, items[keep]], scores[u, t]
+    ahead = (~np.isfinite(s) | (not np.isfinite(st)) | (s > st) | ((s == st) &
+                                                                  (items[keep] < t)))
+    ranks.append(int(ahead.sum()))
+  return np.array(ranks)
+
+
+def _nonfinite_problem():
+  """The tied problem with NaN and +-inf scores in every position: items whose rows give
+  NaN, +inf or -inf scores, users whose every score is NaN or infinite (their target's
+  too), targets whose own row is NaN, and NaN / inf in the table's padding rows (id 0 and
+  the rows past num_valid), which must change nothing."""
+  hidden, table, targets, num_valid = _tied_problem()
+  table, hidden = table.copy(), hidden.copy()
+  hidden[:, 0] = np.where(hidden[:, 0] == 0, 1, hidden[:, 0])  # inf * 0 stays rare
+  table[[5, 77]] = np.nan                       # NaN for every user
+  table[[9, 130]] = [np.inf, 0, 0, 0]           # +inf or -inf by the sign of hidden[:, 0]
+  table[[0, num_valid, num_valid + 3]] = np.nan  # padding rows
+  table[num_valid + 1] = np.inf
+  hidden[3] = np.nan                            # a user whose every score is NaN
+  hidden[7, 1] = -np.inf                        # a user with infinite scores
+  targets = targets.copy()
+  targets[[10, 11]] = [5, 9]                    # targets whose own score is not finite
+  return hidden, table, targets, num_valid
+
+
+@pytest.mark.parametrize("filter_seen", [False, True])
+@pytest.mark.parametrize("data,tensor", [(1, 1), (2, 4), (1, 8)])
+def test_nonfinite_scores_never_help_the_target(data, tensor, filter_seen):
+  hidden, table, targets, num_valid = _nonfinite_problem()
+  seen = _seen(targets, num_valid) if filter_seen else None
+  with np.errstate(invalid="ignore"):
+    scores = hidden.astype(np.float64) @ table.astype(np.float64).T
+  assert (~np.isfinite(scores[:, 1:num_valid])).any(1).all()  # every user meets one
+  want = _rule_ranks(scores, targets, num_valid, seen)
+  mesh = mesh_lib.build_mesh(dict(data=data, tensor=tensor, pipe=1), jax.devices()[: data * tensor])
+  with sharding.activate(mesh):
+    _, rank = jax.jit(vocab_parallel.softmax_xent, static_argnums=3)(
+        hidden[:, None], table, targets[:, None], num_valid, seen)
+  got = np.asarray(rank)[:, 0]
+  np.testing.assert_array_equal(got, want)
+  # Users whose scores are all non-finite rank their target last.
+  last = num_valid - 2 - (0 if seen is None else np.array(
+      [len(set(s) - {0, t}) for s, t in zip(seen, targets)]))
+  for u in (3, 7, 10, 11):
+    assert got[u] == (last if seen is None else last[u]), u
+  m = metrics_from_ranks(got, KS)
+  assert all(np.isfinite(v) and 0 <= v <= 1 for v in m.values())
+
+
+def test_sampled_ranks_count_nonfinite_scores_against_the_target():
+  """The sampled protocol's ranks ([users, 1 + negatives] scores, target first)."""
+  scores = np.array([[1.0, 2.0, 0.0, 0.5], [np.nan, 0.0, 1.0, 2.0], [3.0, np.inf, 0.0, 1.0],
+                     [3.0, -np.inf, np.nan, 1.0], [np.inf, 1.0, 2.0, 3.0]], np.float32)
+  ids = np.array([[4, 1, 2, 3]] * 5, np.int32)
+  got = jax.jit(vocab_parallel.ahead_of_target)(scores[:, 1:], ids[:, 1:], scores[:, :1],
+                                                ids[:, :1]).sum(-1)
+  np.testing.assert_array_equal(got, [1, 3, 1, 2, 3])
+
+
 def test_ties_really_occur_in_the_problem():
   hidden, table, targets, num_valid = _tied_problem()
   scores = hidden @ table.T

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import one_error
 
 # A small simulated sweep with every group the tables read (rec_llm.sim only: a second).
 SIM_SWEEP = """
@@ -58,13 +59,6 @@ def cli(module, *args, env=None, timeout=120):
 def write(path, text):
   path.write_text(textwrap.dedent(text))
   return str(path)
-
-
-def one_error(p, needle):
-  assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-  assert "Traceback" not in p.stderr, p.stderr[-2000:]
-  errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and needle in errors[0], p.stderr[-2000:]
 
 
 def tables(markdown):

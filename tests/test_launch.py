@@ -4,16 +4,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
-import pytest
 
 from experiments.configs import smoke
 from tests import numerics
 from tests.conftest import ROOT
-from tests.helpers import LAYOUT_RTOL, run_trainer
+from tests.helpers import LAYOUT_RTOL, run_trainer, subprocess_env
 
 ARGS = ["--config=experiments/configs/smoke.py", "--config.train.steps=6", "--config.train.log_every=1"]
 EVAL_USERS = smoke.get_config().data.eval_users
@@ -69,8 +67,7 @@ def _trainer_pid(launcher_pid, process_id):
 
 
 def test_killed_process_stops_the_job(tmp_path):
-  env = dict(os.environ, PYTHON=sys.executable)
-  env.pop("XLA_FLAGS", None)
+  env = subprocess_env()
   launcher = subprocess.Popen(
       ["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "--config=experiments/configs/smoke.py",
        "--config.train.steps=100000", "--config.train.log_every=1", f"--workdir={tmp_path}"],

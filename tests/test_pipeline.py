@@ -30,15 +30,18 @@ def _config(data=1, tensor=1, pipe=1, schedule="1f1b", microbatches=1, stage_lay
   return c
 
 
-def _loss_and_grads(config, devices):
-  """(loss, hr@10, grads, compiled) of the run's value_and_grad on batch 0."""
-  run = trainer.build(config, devices)
+def _loss_and_grads(config, devices, params=None):
+  """(loss, hr@10, grads, compiled, params) of the run's value_and_grad on batch 0, at
+  `params` (host arrays: every layout starts from the same values) or the run's init."""
+  run = trainer.build(config, devices, init=params is None)
+  params = (run.state.params if params is None else
+            jax.device_put(params, run.state_shardings.params))
   f = jax.jit(lambda p, b: run.value_and_grad(p, b, run.model, run.model_cfg.num_items + 1))
   batch = run.batches(0)
   with sharding.activate(run.mesh):
-    compiled = f.lower(run.state.params, batch).compile()
-  (loss, aux), grads = jax.device_get(compiled(run.state.params, batch))
-  return float(loss), float(aux["hr@10"]), grads, compiled
+    compiled = f.lower(params, batch).compile()
+  (loss, aux), grads = jax.device_get(compiled(params, batch))
+  return float(loss), float(aux["hr@10"]), grads, compiled, jax.device_get(params)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def reference():
 
 
 def _assert_same(got, ref, what):
-  loss, hr, grads, _ = got
+  loss, hr, grads = got[:3]
   numerics.check_close(f"{what} loss", loss, ref[0], LAYOUT_RTOL * abs(ref[0]))
   assert hr == ref[1], what
   numerics.check_tree_rel(f"{what} gradient", grads, ref[2], LAYOUT_RTOL)
@@ -60,7 +63,7 @@ def test_pipeline_matches_single_device(reference, data, tensor, pipe, mbs, unev
   for stage_layers in [()] + ([uneven] if uneven else []):
     for schedule in ("gpipe", "1f1b"):
       got = _loss_and_grads(_config(data, tensor, pipe, schedule, mbs, stage_layers),
-                            jax.devices())
+                            jax.devices(), reference[4])
       _assert_same(got, reference, f"{schedule} stages={stage_layers or 'uniform'}")
       temp[schedule, stage_layers] = got[3].memory_analysis().temp_size_in_bytes
     # microbatches >= 2 * pipe here: 1F1B holds at most `pipe` microbatches, GPipe all of them.

@@ -45,7 +45,9 @@ def get_config(arg=None):
       weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.98, seed=0, log_every=25,
       peak_tflops=0.0,   # 0: look the device up, else measure a matmul
       nonfinite="skip",  # a non-finite loss/gradient: 'skip' the update, or 'stop' the run
-      inject_nonfinite_steps=()))  # fault injection, for tests
+      # Fault injection, for tests: steps whose gradients / update / new optimizer state
+      # are made NaN (rec_llm/train/faults.py).
+      inject_nonfinite=ml_collections.ConfigDict(dict(gradients=(), updates=(), opt_state=()))))
   # Held-out next-item ranking over all items; filter_seen: leave the items of the input
   # window out of it (the generative-recommenders default); num_negatives > 0: the SASRec
   # paper's sampled protocol.

@@ -3,7 +3,9 @@
 Full ranking (default): each held-out target is ranked against every item, with the item
 table sharded over `tensor`; a device only scores its own rows and the target's rank is
 summed across shards, so no [users, items] matrix ever exists. Ties rank the lower item id
-first (the order of `lax.top_k`). Items the user has already seen stay in the ranking by
+first (the order of `lax.top_k`); a non-finite score never helps the target
+(`vocab_parallel.ahead_of_target`), and metrics are refused for parameters that are not
+finite (`TrainingError`). Items the user has already seen stay in the ranking by
 default; `filter_seen` (`eval.filter_seen`) leaves out the items of the model's input window
 (at most max_len, the target never), as the generative-recommenders evaluation does by
 default (its `filter_invalid_ids`, whose reported SASRec / HSTU numbers are filtered). On
@@ -20,6 +22,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rec_llm.data.split import left_pad
+from rec_llm.errors import TrainingError
+from rec_llm.numerics import nonfinite_leaves
 from rec_llm.parallel import sharding, vocab_parallel
 
 
@@ -85,8 +89,8 @@ class Evaluator:
     h, table = self._last_hidden(params, inputs)
     cand = vocab_parallel.embed_lookup(table, targets)  # [b, 1 + n, d]: target first
     scores = jnp.einsum("bd,bnd->bn", h[:, 0].astype(jnp.float32), cand.astype(jnp.float32))
-    t, ids = scores[:, :1], targets
-    ahead = (scores[:, 1:] > t) | ((scores[:, 1:] == t) & (ids[:, 1:] < ids[:, :1]))
+    ahead = vocab_parallel.ahead_of_target(scores[:, 1:], targets[:, 1:], scores[:, :1],
+                                           targets[:, :1])
     return ahead.sum(-1)
 
   def _prepare(self, split: str):
@@ -121,4 +125,12 @@ class Evaluator:
     return ranks[:n]
 
   def evaluate(self, params, split: str = "val") -> dict[str, float]:
+    """Metrics of `split`; refuses (TrainingError) parameters that are not finite."""
+    bad = nonfinite_leaves(params)
+    if bad:
+      raise TrainingError(
+          f"refusing to report {split} metrics: the parameters are not finite ("
+          f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); a checkpoint of "
+          "finite values is never overwritten, so resume from it")
     return metrics_from_ranks(self.ranks(params, split), self.ks)
+

@@ -54,6 +54,22 @@ def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
       local, in_specs=(P(vaxis, None), P(baxis, None)), out_specs=P(baxis, None, None))(table, ids)
 
 
+def ahead_of_target(scores: jax.Array, ids: jax.Array, target_score: jax.Array,
+                    target_id: jax.Array) -> jax.Array:
+  """Whether each item ranks ahead of the target (arrays broadcast): the one definition of
+  a rank, used by every ranking metric.
+
+  An item is ahead if it scores higher, or equal with a lower id (the order `lax.top_k`
+  gives). A score that is not finite never helps the target: a NaN or infinite score of
+  the item puts it ahead, and a NaN or infinite target score puts every item ahead, so
+  broken parameters rank the target last instead of first (a NaN compares false with
+  everything, which would otherwise rank it first). Callers leave the target itself,
+  padding ids and excluded items out.
+  """
+  return (~jnp.isfinite(scores) | ~jnp.isfinite(target_score) | (scores > target_score)
+          | ((scores == target_score) & (ids < target_id)))
+
+
 def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
                  num_valid: int, exclude: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Full-softmax cross-entropy against tied item scores, computed vocab-parallel.
@@ -69,8 +85,8 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
 
   Returns:
     (nll, rank), both [batch, seq]: the negative log-likelihood of each target and its
-    0-based rank among all items (items scored higher, plus equal-scored items of lower id:
-    the order `lax.top_k` gives), for hit-rate and ranking metrics.
+    0-based rank among the valid items (`ahead_of_target`: higher scores, equal scores of
+    lower id, and any non-finite score), for hit-rate and ranking metrics.
   """
   axes = _axes()
   vaxis, baxis = axes if axes is not None else (None, None)
@@ -79,7 +95,8 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
     start, rows = _shard_bounds(tbl, vaxis)
     logits = jnp.einsum("bsd,vd->bsv", h, tbl, preferred_element_type=jnp.float32)
     col = start + jnp.arange(rows)
-    logits = jnp.where((col > 0) & (col < num_valid), logits, _NEG)
+    valid = (col > 0) & (col < num_valid)
+    logits = jnp.where(valid, logits, _NEG)
     m = jax.lax.stop_gradient(logits.max(-1))
     if vaxis is not None:
       m = jax.lax.pmax(m, vaxis)
@@ -90,8 +107,8 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
     picked = jnp.take_along_axis(logits, jnp.clip(rel, 0, rows - 1)[..., None], -1)[..., 0]
     tgt_logit = _psum(jnp.where(hit, picked, 0.0), vaxis)
     t = jax.lax.stop_gradient(tgt_logit)[..., None]
-    # Ties rank below lower ids, as lax.top_k orders them.
-    above = (logits > t) | ((logits == t) & (col < tgt[..., None]))
+    above = (ahead_of_target(jax.lax.stop_gradient(logits), col, t, tgt[..., None])
+             & valid & (col != tgt[..., None]))
     if ex is not None:  # a [batch, rows] mask of this shard's excluded rows, by scatter
       b = ex.shape[0]
       rel_ex = jnp.where((ex > 0) & (ex >= start) & (ex < start + rows), ex - start, rows)

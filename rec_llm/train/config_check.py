@@ -1,5 +1,8 @@
 """Validate a run config up front, so bad input fails in one clear line, not deep in XLA."""
 
+import math
+import numbers
+
 from ml_collections import ConfigDict
 
 from rec_llm.data import sources
@@ -8,6 +11,65 @@ from rec_llm.models.seq_transformer import ModelConfig
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import collectives, compression, schedules
 from rec_llm.train import dp_step, optimizer
+
+
+# Every float setting: (lower, upper, lower included, upper included, what it is). A value
+# outside its interval, or any float anywhere in the config that is NaN or infinite, is
+# refused before anything runs: a NaN learning rate trains a NaN model.
+INF = math.inf
+FLOAT_RANGES = {
+    "train.learning_rate": (0, INF, False, False, "the peak learning rate, e.g. 1e-3"),
+    "train.weight_decay": (0, INF, True, False, "AdamW's decoupled weight decay"),
+    "train.b1": (0, 1, True, False, "Adam's first-moment decay, e.g. 0.9"),
+    "train.b2": (0, 1, True, False, "Adam's second-moment decay, e.g. 0.98"),
+    "train.momentum": (0, 1, True, False, "heavy-ball momentum of train.optimizer='sgd'"),
+    "train.grad_clip": (0, INF, True, False, "global-norm clipping, 0 for none"),
+    "train.end_lr_fraction": (0, 1, True, True, "the final learning rate / the peak"),
+    "train.peak_tflops": (0, INF, True, False, "per-device peak for MFU, 0 to look it up"),
+    "model.temperature": (0, INF, True, False, "0 for dot-product scores, t > 0 for cos / t"),
+    "model.dropout_rate": (0, 1, True, False, "the dropout probability"),
+    "dp.outer_lr": (0, INF, False, False, "DiLoCo's outer learning rate, e.g. 0.7"),
+    "dp.outer_momentum": (0, 1, True, False, "DiLoCo's outer Nesterov momentum, e.g. 0.9"),
+    "dp.compression.ratio": (0, 1, False, True, "the fraction of gradient entries sent"),
+    "dp.compression.momentum": (0, 1, True, False, "DGC's momentum, 0 for plain top-k"),
+    "data.zipf_a": (0, INF, False, False, "the synthetic popularity exponent"),
+    "data.p_follow": (0, 1, True, True, "the synthetic probability of a learnable successor"),
+    "balance.min_gain": (0, INF, True, False, "the smallest relative step-time gain acted on"),
+    "balance.fixed_cost_s": (-1, INF, True, False, "a re-partition's cost, -1 to measure it"),
+}
+
+
+def _floats(cfg, prefix=""):
+  """(dotted path, value) of every float in a (nested) config."""
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, (ConfigDict, dict)):
+      yield from _floats(value, path + ".")
+    elif isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+      yield path, float(value)
+
+
+def _get(cfg, path):
+  for key in path.split("."):
+    if not isinstance(cfg, (ConfigDict, dict)) or key not in cfg:
+      return None
+    cfg = cfg[key]
+  return cfg
+
+
+def check_floats(config: ConfigDict) -> None:
+  """Each float in FLOAT_RANGES lies in its interval (NaN lies in none), and every other
+  float is finite."""
+  for path, (lo, hi, lo_in, hi_in, what) in FLOAT_RANGES.items():
+    v = _get(config, path)
+    if v is None or isinstance(v, bool) or not isinstance(v, numbers.Real):
+      continue
+    if not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):
+      interval = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+      raise ConfigError(f"{path}={v!r} must be in {interval} ({what})")
+  for path, v in _floats(config):
+    if not math.isfinite(v):
+      raise ConfigError(f"{path}={v!r} is not a finite number; set a finite value")
 
 
 def _positive(cfg: ConfigDict, section: str, *names: str) -> None:
@@ -35,7 +97,8 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
   shape = mesh_lib.resolve_mesh_shape(dict(config.mesh), num_devices)
   data, tensor, pipe = shape
   _positive(config, "model", "num_layers", "d_model", "num_heads", "mlp_dim", "max_len")
-  _positive(config, "train", "steps", "batch_size", "learning_rate", "log_every")
+  _positive(config, "train", "steps", "batch_size", "log_every")
+  check_floats(config)
   sources.check_name(config.data.name)
   m = config.model
   if m.max_len < 2:
@@ -52,10 +115,6 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
                       f"mesh.data={data}; each data replica needs the same number of rows")
   if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
-  if m.get("temperature", 0.0) < 0:
-    raise ConfigError(f"model.temperature={m.temperature} must be >= 0 (0: dot-product scores)")
-  if not 0.0 <= m.get("dropout_rate", 0.0) < 1.0:
-    raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   check_pipeline(config, data, pipe)
   check_dp(config, data, pipe)
   bal = config.get("balance")
@@ -99,10 +158,6 @@ def check_dp(config: ConfigDict, data: int, pipe: int) -> None:
   opt = config.train.get("optimizer", "adamw")
   if opt not in optimizer.OPTIMIZERS:
     raise ConfigError(f"train.optimizer={opt!r} is unknown; choose one of {list(optimizer.OPTIMIZERS)}")
-  momentum = config.train.get("momentum", 0.0)
-  if not 0.0 <= momentum < 1.0:
-    raise ConfigError(f"train.momentum={momentum} must be in [0, 1) (heavy-ball momentum of "
-                      "train.optimizer='sgd'; 0 is plain SGD)")
   dp = config.get("dp")
   if dp is None:
     return
@@ -114,10 +169,6 @@ def check_dp(config: ConfigDict, data: int, pipe: int) -> None:
     raise ConfigError(f"dp.aggregator={agg!r} is unknown; choose one of {list(collectives.AGGREGATORS)}")
   if mode not in DP_MODES:
     raise ConfigError(f"dp.mode={mode!r} is unknown; choose one of {list(DP_MODES)}")
-  ratio = c.get("ratio", 0.01)
-  if not 0.0 < ratio <= 1.0:
-    raise ConfigError(f"dp.compression.ratio={ratio} must be in (0, 1] (the fraction of "
-                      "gradient entries sent)")
   if c.get("rank", 4) <= 0:
     raise ConfigError(f"dp.compression.rank={c.rank} must be a positive integer (PowerSGD rank)")
   if not 2 <= c.get("bits", 8) <= 8:

@@ -21,7 +21,8 @@ Modes (`dp.mode`):
   from the new global parameters. Communication happens once per H steps.
 """
 
-from typing import Any, Sequence
+import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,7 +32,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
+from rec_llm.numerics import all_finite
 from rec_llm.parallel import compression, sharding
+from rec_llm.train import guard
+from rec_llm.train.faults import Faults
 from rec_llm.train.step import TrainState, loss_fn
 
 DATA = "data"
@@ -76,7 +80,7 @@ class DPStep:
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation, num_valid: int,
                mesh: Mesh, param_shardings: Any, opt_shardings: Any, config: ConfigDict,
-               inject_nonfinite_steps: Sequence[int] = ()):
+               faults: Faults | None = None):
     self.model, self.tx, self.num_valid, self.mesh = model, tx, num_valid, mesh
     self.param_shardings, self.opt_shardings = param_shardings, opt_shardings
     dp = config.dp
@@ -87,7 +91,7 @@ class DPStep:
     self.seed = int(config.train.seed)
     self.dropout = config.model.get("dropout_rate", 0.0) > 0
     self.comp = make_compressor(dp, self.replicas, self.seed)
-    self.inject = jnp.asarray(list(inject_nonfinite_steps) or [-1], jnp.int32)
+    self.faults = faults
     self.outer_tx = outer_optimizer(dp) if self.mode == "local_sgd" else None
 
   # --- state ------------------------------------------------------------------------------
@@ -122,7 +126,7 @@ class DPStep:
 
   def _local_grads(self, params, batch, rng, stacked: bool):
     """Per-replica gradients [replicas, ...], scaled so their mean is the global gradient;
-    the global loss, hit rate and the replicas' RMS gradient norm."""
+    the global loss and hit rate."""
     n, model, num_valid = self.replicas, self.model, self.num_valid
 
     def body(params, batch, rng):
@@ -136,10 +140,8 @@ class DPStep:
       total = jnp.maximum(lax.psum(count, DATA), 1.0)
       w = count / total
       g = jax.tree.map(lambda x: (x * (w * n))[None], g)
-      sq = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g))
       metrics = {"loss": lax.psum(loss * w, DATA), "hr@10": lax.psum(aux["hr@10"] * w, DATA),
-                 "targets": lax.psum(aux["targets"], DATA),
-                 "replica_grad_norm": jnp.sqrt(lax.psum(sq, DATA) / n)}
+                 "targets": lax.psum(aux["targets"], DATA)}
       return g, metrics
 
     return jax.shard_map(body, mesh=self.mesh,
@@ -166,47 +168,50 @@ class DPStep:
 
   # --- the step ---------------------------------------------------------------------------
 
-  def __call__(self, state: TrainState, batch):
+  def _grads_and_tx(self, state, params, batch, stacked: bool):
+    """(loss, per-replica gradients, metrics, the step's optimizer): with fault injection
+    (tests), the faults of this step applied."""
     base = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
-    poison = jnp.where(jnp.isin(state.step, self.inject), jnp.nan, 1.0)
-    finite = lambda t: jnp.isfinite(optax.tree.norm(t))
-    keep = lambda ok, new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    dp = state.dp
-    if self.mode == "local_sgd":
-      return self._local_sgd(state, batch, base, poison, finite, keep)
+    g_local, m = self._local_grads(params, batch, base, stacked=stacked)
+    loss, tx = m["loss"], self.tx
+    if self.faults is not None:
+      loss, g_local = self.faults.gradients_at(state.step, loss, g_local)
+      tx = self.faults.optimizer(tx, state.step)
+    return loss, g_local, m, tx
 
-    g_local, m = self._local_grads(state.params, batch, base, stacked=False)
-    loss = m["loss"] * poison
-    g_local = jax.tree.map(lambda x: x * poison, g_local)
+  def __call__(self, state: TrainState, batch):
+    if self.mode == "local_sgd":
+      return self._local_sgd(state, batch)
+    dp = state.dp
+    loss, g_local, m, tx = self._grads_and_tx(state, state.params, batch, stacked=False)
     # This step's gradients, checked once: older queued ones passed when they were pushed, and
     # a compressor may leave a non-finite entry unsent (in its residual) rather than reduce it.
-    ok = jnp.isfinite(loss) & finite(g_local)
+    ok = jnp.isfinite(loss) & all_finite(g_local)
     new_dp = dict(dp)
     if self.tau:
       queue = dp["queue"] + (g_local,)
       g_local, new_dp["queue"] = queue[0], queue[1:]
     grads, new_dp["comp"] = self._reduce(g_local, dp["comp"])
     grad_norm = optax.tree.norm(grads)
-    ok = ok & jnp.isfinite(grad_norm)
-    apply = ok & (state.step >= self.tau)  # 'stale': the first tau steps fill the queue
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    ok = ok & jnp.isfinite(grad_norm) & all_finite(new_dp["comp"])
+    warm = state.step >= self.tau  # 'stale': the first tau steps only fill the queue
+    params, opt_state, applied = guard.update(tx, grads, state.opt_state, state.params,
+                                              ok & warm)
+    ok = ok & (applied | ~warm)  # an update that came out non-finite skips the step
     new_state = state.replace(
-        step=state.step + 1, params=keep(apply, params, state.params),
-        opt_state=keep(apply, opt_state, state.opt_state), dp=keep(ok, new_dp, dp),
-        skipped=state.skipped + (~ok).astype(jnp.int32))
+        step=state.step + 1, params=params, opt_state=opt_state,
+        dp=guard.keep_if(ok, new_dp, dp), skipped=state.skipped + (~ok).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": new_state.skipped,
                "hr@10": m["hr@10"], "targets": m["targets"]}
     return new_state, metrics
 
-  def _local_sgd(self, state, batch, base, poison, finite, keep):
+  def _local_sgd(self, state, batch):
     dp = state.dp
-    g_local, m = self._local_grads(dp["local_params"], batch, base, stacked=True)
-    loss = m["loss"] * poison
-    g_local = jax.tree.map(lambda x: x * poison, g_local)
-    updates, local_opt = jax.vmap(self.tx.update)(g_local, dp["local_opt"], dp["local_params"])
-    local = optax.apply_updates(dp["local_params"], updates)
-    ok = jnp.isfinite(loss) & finite(local)
+    loss, g_local, m, tx = self._grads_and_tx(state, dp["local_params"], batch, stacked=True)
+    local, local_opt, finite = jax.vmap(functools.partial(guard.apply, tx))(
+        g_local, dp["local_opt"], dp["local_params"])
+    # Every replica's step must be finite, or none takes effect (the copies stay in step).
+    ok = jnp.isfinite(loss) & all_finite(g_local) & finite.all()
 
     def outer(args):
       local, comp_state, params, opt_state = args
@@ -221,10 +226,13 @@ class DPStep:
     local, comp, params, opt_state = lax.cond(
         sync, outer, lambda a: a, (local, dp["comp"], state.params, state.opt_state))
     new_dp = {**dp, "local_params": local, "local_opt": local_opt, "comp": comp}
+    ok = ok & all_finite(params, opt_state, comp)  # the outer step's results
     new_state = state.replace(
-        step=state.step + 1, params=keep(ok, params, state.params),
-        opt_state=keep(ok, opt_state, state.opt_state), dp=keep(ok, new_dp, dp),
-        skipped=state.skipped + (~ok).astype(jnp.int32))
-    metrics = {"loss": loss, "grad_norm": m["replica_grad_norm"] * jnp.abs(poison),
+        step=state.step + 1, params=guard.keep_if(ok, params, state.params),
+        opt_state=guard.keep_if(ok, opt_state, state.opt_state),
+        dp=guard.keep_if(ok, new_dp, dp), skipped=state.skipped + (~ok).astype(jnp.int32))
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(g_local))
+                         / self.replicas)  # the replicas' RMS gradient norm
+    metrics = {"loss": loss, "grad_norm": grad_norm,
                "skipped": new_state.skipped, "hr@10": m["hr@10"], "targets": m["targets"]}
     return new_state, metrics

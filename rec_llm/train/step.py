@@ -1,6 +1,6 @@
 """The train state, the loss and the jitted synchronous data+tensor parallel step."""
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -13,6 +13,8 @@ from jax.sharding import Mesh
 from rec_llm.models import seq_transformer
 from rec_llm.models.seq_transformer import ModelConfig
 from rec_llm.parallel import pipeline, sharding, vocab_parallel
+from rec_llm.train import guard
+from rec_llm.train.faults import Faults
 
 
 @flax.struct.dataclass
@@ -94,28 +96,27 @@ def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: 
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, num_valid: int,
-                    seed: int, dropout: bool, inject_nonfinite_steps: Sequence[int] = (),
+                    seed: int, dropout: bool, faults: Faults | None = None,
                     value_and_grad=None):
-  """(state, batch) -> (state, metrics). A step whose loss or gradient is not finite leaves
-  params and optimizer state untouched and counts in `state.skipped`, so a non-finite value
-  can never reach a checkpoint. `inject_nonfinite_steps` is fault injection for tests.
-  `value_and_grad` replaces `jax.value_and_grad(loss_fn, has_aux=True)` (the pipeline's)."""
+  """(state, batch) -> (state, metrics), for GSPMD data + tensor parallelism and for the
+  pipeline alike. The update is `guard.update`: a step whose loss, gradients or new state
+  are not finite leaves the state untouched and counts in `state.skipped`. `faults` is
+  test-only fault injection (rec_llm/train/faults.py). `value_and_grad` replaces
+  `jax.value_and_grad(loss_fn, has_aux=True)` (the pipeline's)."""
   base_rng = jax.random.PRNGKey(seed)
-  inject = jnp.asarray(list(inject_nonfinite_steps) or [-1], jnp.int32)
   value_and_grad = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step) if dropout else None
     (loss, aux), grads = value_and_grad(state.params, batch, model, num_valid, rng)
-    poison = jnp.where(jnp.isin(state.step, inject), jnp.nan, 1.0)
-    loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
+    step_tx = tx
+    if faults is not None:
+      loss, grads = faults.gradients_at(state.step, loss, grads)
+      step_tx = faults.optimizer(tx, state.step)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state),
+    params, opt_state, ok = guard.update(step_tx, grads, state.opt_state, state.params, ok)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            skipped=state.skipped + (~ok).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": new_state.skipped, **aux}
     return new_state, metrics

@@ -2,6 +2,8 @@
 
 import dataclasses
 import functools
+import json
+import os
 import signal
 import time
 from typing import Any
@@ -15,12 +17,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from rec_llm.data import loader, sources
-from rec_llm.errors import TrainingError
+from rec_llm.errors import ConfigError, TrainingError
 from rec_llm.eval.ranking import Evaluator
 from rec_llm.models.seq_transformer import ModelConfig, SeqTransformer, count_params, flops_per_token
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import sharding
 from rec_llm.train import adaptive, checkpoint, config_check, dp_step, optimizer, throughput
+from rec_llm.train import faults as faults_lib
 from rec_llm.train.metric_writer import MetricWriter
 from rec_llm.train.step import (TrainState, init_state, loss_fn,
                                 make_pipelined_value_and_grad, make_train_step)
@@ -78,7 +81,7 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   model = SeqTransformer(mc)
   tx = optimizer.make(tc)
   rng = jax.random.PRNGKey(seed)
-  inject = tuple(tc.get("inject_nonfinite_steps", ()))
+  faults = faults_lib.from_config(tc)  # tests only
   use_dp = dp_step.uses_dp_step(config)
   local_sgd = use_dp and config.dp.mode == "local_sgd"
   # With local SGD the state's optimizer is the outer one; the inner one lives per replica.
@@ -91,7 +94,7 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
     inner = sharding.tree_shardings(jax.eval_shape(
         functools.partial(init_state, model, tx, mc.max_len), rng), mesh).opt_state
     step_fn = dp_step.DPStep(model, tx, mc.num_items + 1, mesh, state_shardings.params, inner,
-                             config, inject_nonfinite_steps=inject)
+                             config, faults=faults)
     state_shardings = state_shardings.replace(dp=step_fn.state_shardings())
     base_state = make_state
     make_state = lambda: (s := base_state()).replace(dp=step_fn.init(s.params))
@@ -107,7 +110,7 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
     else:
       value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
-                              inject_nonfinite_steps=inject, value_and_grad=value_and_grad)
+                              faults=faults, value_and_grad=value_and_grad)
   # Created directly sharded: no host or device ever holds the whole model.
   init_fn = jax.jit(make_state, out_shardings=state_shardings)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -120,6 +123,20 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   if init:
     run.state = init_fn()
   return run
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir exists (created if need be) and takes a file, or one ConfigError, before
+  anything is compiled."""
+  probe = os.path.join(workdir, f".write_test_{jax.process_index()}_{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"cannot create or write the workdir {workdir!r} ({e.strerror or e}); "
+                      "give --workdir a directory you can write") from e
 
 
 def to_host(tree):
@@ -169,16 +186,24 @@ def train(config: ConfigDict, workdir: str | None = None,
   Returns the records it logged (also appended to workdir/metrics.jsonl and TensorBoard).
   """
   t_begin = time.perf_counter()
+  if workdir:
+    check_workdir(workdir)
   run = build(config, devices, init=False)
   mc, tc = run.model_cfg, config.train
   ck_cfg = config.get("checkpoint", ConfigDict({"every_steps": 0, "max_to_keep": 3}))
   ckpt = checkpoint.Checkpointer(workdir, int(ck_cfg.get("max_to_keep", 3))) if workdir else None
+  config_record = json.loads(config.to_json_best_effort())
   elapsed0 = 0.0
-  if ckpt and ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(run.abstract_state)
+  try:
+    restored = ckpt.restore_latest(run.abstract_state, config_record) if ckpt else None
+  except Exception:
+    ckpt.close()  # orbax's background threads must stop before the process exits
+    raise
+  if restored is not None:
+    state, meta = restored
     restored_step = int(to_host(state.step))
     if int(meta["data_position"]) != restored_step:
-      raise TrainingError(f"checkpoint {ckpt.latest_step()} is inconsistent: state step "
+      raise TrainingError(f"checkpoint {restored_step} is inconsistent: state step "
                           f"{restored_step} vs data position {meta['data_position']}")
     elapsed0 = float(meta.get("elapsed_s", 0.0))
     logging.info("resumed from %s at step %d", ckpt.directory, int(meta["step"]))
@@ -226,13 +251,13 @@ def train(config: ConfigDict, workdir: str | None = None,
                    " ".join(f"{k} {v:.4f}" for k, v in m.items()), time.perf_counter() - t)
       log({"step": done, **{f"{prefix}/{k}": v for k, v in m.items()}})
 
-  skipped_seen = 0
+  skipped_seen = int(to_host(state.skipped))  # those before a resume were reported then
 
   def check_finite(done, skipped):
     nonlocal skipped_seen
     if skipped > skipped_seen:
-      msg = (f"{skipped - skipped_seen} step(s) up to step {done} had a non-finite loss or "
-             f"gradient; their updates were dropped")
+      msg = (f"{skipped - skipped_seen} step(s) up to step {done} had a non-finite loss, "
+             f"gradient or update; their updates were dropped")
       if stop_on_nonfinite:
         raise TrainingError(msg + " and the run stops (train.nonfinite='stop'); the latest "
                             "checkpoint holds only finite values")
@@ -266,7 +291,7 @@ def train(config: ConfigDict, workdir: str | None = None,
   def save(done):
     check_finite(done, int(to_host(state.skipped)))  # refuse to save after a bad step
     ckpt.save(done, state, {"step": done, "data_position": done, "elapsed_s": elapsed(),
-                            "mesh": mesh_lib.describe(run.mesh)})
+                            "mesh": mesh_lib.describe(run.mesh), "config": config_record})
 
   preempt = _Preemption()
   last_logged, t_last = start, time.perf_counter()
@@ -284,7 +309,8 @@ def train(config: ConfigDict, workdir: str | None = None,
         step_time = window / (done - last_logged)
         check_finite(done, int(m["skipped"]))
         rec = {"step": done, "loss": float(m["loss"]), "hr@10": float(m["hr@10"]),
-               "grad_norm": float(m["grad_norm"]), "step_time_s": step_time,
+               "grad_norm": float(m["grad_norm"]), "skipped": int(m["skipped"]),
+               "step_time_s": step_time,
                "tokens_per_s": win_tokens / window, "mfu": win_flops / window / peak}
         eta = (now - t0) / (done - start) * (tc.steps - done)
         logging.info("step %d/%d | loss %.4f | hr@10 %.3f | %.3fs/step | %s tok/s | MFU %.2f%% | ETA %ds",
