@@ -68,11 +68,15 @@ def run_variant(name: str, tests: list[str]) -> dict:
   summary = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else p.stderr[-500:]
   failed = [l.split(" ", 1)[1] for l in p.stdout.splitlines() if l.startswith("FAILED ")]
   worst = sorted(checks, key=lambda c: -c["ratio"])[:10]
+  by_test = {}  # the worst ratio of each test function (parameters folded in)
+  for c in checks:
+    name = c["test"].split("[")[0]
+    by_test[name] = max(by_test.get(name, 0.0), c["ratio"])
   print(f"{name:10s} {summary} | {len(checks)} checks, worst ratio "
         f"{worst[0]['ratio'] if worst else float('nan'):.3f} | {wall:.0f}s", flush=True)
   return {"variant": name, "xla_flags": VARIANTS[name], "returncode": p.returncode,
           "summary": summary, "failed": failed, "wall_s": wall, "checks": len(checks),
-          "worst": worst}
+          "worst": worst, "worst_by_test": dict(sorted(by_test.items(), key=lambda kv: -kv[1]))}
 
 
 def main(argv):
