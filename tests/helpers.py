@@ -27,7 +27,7 @@ def tiny_config(**mesh) -> ml_collections.ConfigDict:
 def subprocess_env(**extra) -> dict:
   """The environment for a trainer or launcher subprocess: the tests' XLA flags without
   the device count (the trainer / launcher choose it)."""
-  return dict(os.environ, PYTHON=sys.executable, XLA_FLAGS=SUBPROCESS_XLA_FLAGS, **extra)
+  return {**os.environ, "PYTHON": sys.executable, "XLA_FLAGS": SUBPROCESS_XLA_FLAGS, **extra}
 
 
 def run_trainer(args, timeout=120, env=None, launcher=None):

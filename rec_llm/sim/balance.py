@@ -84,6 +84,15 @@ def neighbours(partition) -> list[tuple[int, ...]]:
   return out
 
 
+def best_measured(partition, measured: dict) -> tuple[int, ...]:
+  """The candidate of `measured` ({partition: {"fwd": [...], "bwd": [...]}}) whose slowest
+  stage (forward + backward) is fastest; ties keep `partition`."""
+  part = tuple(int(x) for x in partition)
+  slowest = {tuple(int(x) for x in k): float(max(np.add(v["fwd"], v["bwd"])))
+             for k, v in measured.items()}
+  return min(slowest, key=lambda k: (slowest[k], k != part))
+
+
 def choose(partition, measured: dict, *, schedule: str = "1f1b", microbatches: int = 1,
            remaining_steps: int, bytes_per_layer: float, bandwidth: float,
            fixed_cost_s: float = 0.0, min_gain: float = 0.05) -> tuple[tuple[int, ...], dict]:
@@ -111,7 +120,7 @@ def choose(partition, measured: dict, *, schedule: str = "1f1b", microbatches: i
     raise ValueError(f"measured must include the current partition {list(part)}")
   step = {k: sim.pipeline_seconds(f, b, schedule, microbatches) for k, (f, b) in meas.items()}
   slowest = {k: float((f + b).max()) for k, (f, b) in meas.items()}
-  best = min(slowest, key=lambda k: (slowest[k], k != part))  # ties keep the current one
+  best = best_measured(part, measured)
   new, reason = _judge(part, best, step[part], step[best], remaining_steps, bytes_per_layer,
                        bandwidth, fixed_cost_s, min_gain, "among the measured candidates")
   reason.update(measured_stage_s=(meas[part][0] + meas[part][1]).tolist(),

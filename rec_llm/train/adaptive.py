@@ -66,6 +66,9 @@ def measure_costs(run, state, batch, repeats: int = 5) -> dict:
           for name, (fn, args) in parts.items()}
 
 
+SEARCH_ROUNDS = 4
+
+
 def current_partition(config: ConfigDict, num_layers: int, stages: int) -> tuple[int, ...]:
   return pipeline.stage_sizes(num_layers, stages,
                               config_check.pipeline_config(config)["stage_layers"])
@@ -76,10 +79,12 @@ def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple
 
   The partition solver, fed the measured costs of one block, the embedding and the head,
   proposes a partition; the current partition, the proposal and the proposal's neighbours
-  (one block moved across one boundary) are then timed tick by tick on the device, and the
-  one whose slowest stage is fastest is taken if the simulated schedule says it pays
-  (rec_llm.sim.balance.choose). The check matters: a block inside a stage's loop costs more
-  than one timed alone, so the model's split can be a block off.
+  (one block moved across one boundary) are then timed tick by tick on the device. While
+  a neighbour's slowest stage is faster, the search moves there and times its neighbours
+  (at most SEARCH_ROUNDS rounds, all candidates of a round interleaved). The best one is
+  taken if the simulated schedule says it pays (rec_llm.sim.balance.choose). The search
+  matters: a block inside a stage's loop costs more than one timed alone, and by how much
+  depends on the code XLA generates, so the model's split can be blocks off.
   """
   t = time.perf_counter()
   cfg = run.config
@@ -96,11 +101,19 @@ def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple
                    "fixed_cost_s", -1) >= 0 else recompile_s,
                min_gain=float(cfg.balance.get("min_gain", 0.05)))
   proposed, _ = partition.solve(block_costs, stages, costs["embed_s"], costs["head_s"])
-  candidates = list(dict.fromkeys([part, proposed] + balance.neighbours(proposed)))
-  measured = measure_stage_times(run, state, batch, candidates, repeats)
-  new, reason = balance.choose(part, dict(zip(candidates, measured)), **judge)
+  best, rounds = proposed, 0
+  while True:  # local search from the model's proposal, on measured ticks
+    candidates = list(dict.fromkeys([part, best] + balance.neighbours(best)))
+    measured = dict(zip(candidates, measure_stage_times(run, state, batch, candidates,
+                                                        repeats)))
+    rounds += 1
+    moved = balance.best_measured(part, measured)
+    if moved in (best, part) or rounds == SEARCH_ROUNDS:
+      break
+    best = moved
+  new, reason = balance.choose(part, measured, **judge)
   reason.update(costs, model_proposed=list(proposed), model_stage_s=list(model_s),
-                measure_s=time.perf_counter() - t)
+                search_rounds=rounds, measure_s=time.perf_counter() - t)
   return tuple(new), reason
 
 
