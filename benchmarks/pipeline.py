@@ -24,7 +24,7 @@ from absl import app, flags
 
 from benchmarks import common
 from experiments.configs import default
-from rec_llm.parallel import hlo_stats, pipeline, schedules
+from rec_llm.parallel import hlo_stats, schedules
 from rec_llm.train import adaptive, trainer
 
 _MESHES = flags.DEFINE_list("meshes", ["4x1x2", "2x2x2", "2x1x4", "1x2x4"], "data x tensor x pipe.")
@@ -85,7 +85,7 @@ def run_one(shape, schedule, stage_layers):
     times.append(time.perf_counter() - t)
   run.state = state  # the step donates its input state
   mc = run.model_cfg
-  sizes = pipeline.stage_sizes(mc.num_layers, pipe, sizes)
+  sizes = schedules.stage_sizes(mc.num_layers, pipe, sizes)
   # The stages' block loops run each stage's own count: counted at the longest stage's.
   measured = hlo_stats.collective_bytes(program.as_text(), dict(run.mesh.shape),
                                         unknown_trip_count=max(sizes))

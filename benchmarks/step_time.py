@@ -9,7 +9,6 @@ of sharding (collectives, replicated element-wise work), not parallel speed-up.
 """
 
 import os
-import time
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

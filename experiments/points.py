@@ -40,12 +40,12 @@ from ml_collections import ConfigDict
 
 from experiments.provenance import ROOT
 from rec_llm.errors import ConfigError
+from rec_llm.parallel.payload import DP_MODES, KINDS
+from rec_llm.parallel.schedules import SCHEDULES
 
 SOURCES = ("simulated", "measured")
 NAMED_MESHES = ("dp", "tp", "pp", "hybrid", "best")
 PLANNED = ("hybrid", "best")
-DP_MODES = ("sync", "stale", "local_sgd")
-SCHEDULES = ("gpipe", "1f1b")
 GROUP_KEYS = dict(
     name=None, config="experiments/configs/default.py", overrides={}, sources=("simulated",),
     clusters=("h100x128",), devices=(None,), rows_per_device=(None,), meshes=("hybrid",),
@@ -140,7 +140,6 @@ def _check_group(g: dict, i: int) -> None:
   if not isinstance(g["name"], str) or not g["name"]:
     raise ConfigError(f"group {i}: needs a 'name' (the tables select rows by it)")
   from rec_llm.sim import cluster as cluster_lib
-  from rec_llm.sim import cost_model
   for s in _axis(g, "sources"):
     if s not in SOURCES:
       raise ConfigError(f"{where}: source {s!r} is unknown; choose from {list(SOURCES)}")
@@ -164,9 +163,9 @@ def _check_group(g: dict, i: int) -> None:
     if s is not None and s not in SCHEDULES:
       raise ConfigError(f"{where}: schedule {s!r} is unknown; choose from {list(SCHEDULES)}")
   for k in _axis(g, "compressions"):
-    if k != "any" and k not in cost_model.COMPRESSIONS:
+    if k != "any" and k not in KINDS:
       raise ConfigError(f"{where}: compression {k!r} is unknown; choose from "
-                        f"{list(cost_model.COMPRESSIONS) + ['any']}")
+                        f"{list(KINDS) + ['any']}")
   if "any" in _axis(g, "compressions") and "measured" in _axis(g, "sources"):
     raise ConfigError(f"{where}: compression 'any' lets the planner choose, so only simulated "
                       "points can use it; list the kinds for measured points")

@@ -1,8 +1,9 @@
 """A simulated sweep point: its plan on a cluster preset, predicted by rec_llm.sim (no JAX).
 
-Named pure meshes ('dp', 'tp', 'pp') and explicit 'DxTxP' meshes are searched here for one
-mesh (schedules, microbatches, remat and the DP pairing as the planner does them); 'hybrid'
-and 'best' are the planner's own ranking over every mesh it considers.
+Named pure meshes ('dp', 'tp', 'pp') and explicit 'DxTxP' meshes are one mesh of the
+planner's search (planner.search_mesh: a named mesh searched as the planner does, an explicit
+one with the run config's pipeline); 'hybrid' and 'best' are the planner's own ranking over
+every mesh it considers.
 """
 
 import dataclasses
@@ -15,7 +16,7 @@ from rec_llm.sim import simulator as sim
 
 from experiments import points as points_lib
 
-PLANNER_KINDS = ("none", "int8", "topk", "powersgd")  # what planner.DP_OPTIONS pairs
+PLANNER_KINDS = planner.PAIRED_KINDS  # what planner.DP_OPTIONS pairs
 
 
 def setup(point: dict):
@@ -30,69 +31,31 @@ def setup(point: dict):
   return c, config, m, batch
 
 
-def _kinds(point) -> tuple:
-  return PLANNER_KINDS if point["compression"] == "any" else (point["compression"],)
+def _options(point, named_mesh: bool = False) -> planner.Options:
+  """The planner's options for a point; a named mesh also takes the point's microbatches."""
+  return planner.Options(
+      compressions=PLANNER_KINDS if point["compression"] == "any" else (point["compression"],),
+      dp_modes=(point["dp_mode"],),
+      schedules=(point["schedule"],) if point["schedule"] else planner.Options.schedules,
+      microbatches=(point["microbatches"],) if named_mesh and point["microbatches"] else (),
+      staleness=point["staleness"] or 1, local_steps=point["local_steps"] or 1)
 
 
-def _options(point, schedules=None) -> planner.Options:
-  return planner.Options(compressions=_kinds(point), dp_modes=(point["dp_mode"],),
-                         schedules=tuple(schedules or planner.Options.schedules),
-                         staleness=point["staleness"] or 1, local_steps=point["local_steps"] or 1)
-
-
-def _dp_variants(base: sim.Plan, c, point, opts):
-  """planner's (compression, aggregator) pairs, or the point's own aggregator."""
-  if base.data == 1:
-    yield base
-    return
-  _, level, per_node = sim.axis_groups(c, base)["data"]
-  two_level = level == "inter" and per_node > 1
-  pairs = [(k, a) for k, a in planner.DP_OPTIONS if k in opts.compressions
-           and (a != "hierarchical" or two_level)]
-  if point["aggregator"]:
-    pairs = [(k, point["aggregator"]) for k in opts.compressions]
-  pairs += [(k, "sparse" if k == "topk" else "psum") for k in opts.compressions
-            if not any(k == p for p, _ in pairs)]  # kinds the planner does not pair
-  for kind, agg in pairs:
-    yield dataclasses.replace(base, compression=kind, aggregator=agg, dp_mode=opts.dp_modes[0],
-                              staleness=opts.staleness, local_steps=opts.local_steps)
-
-
-def search_mesh(m, batch, c, shape, point, config, explicit: bool):
-  """(best fitting Result or None, smallest non-fitting Result or None) for one mesh."""
+def _explicit_plan(shape, point, config) -> sim.Plan:
+  """The run config's pipeline on an explicit mesh, as the trainer would run it."""
   d, t, p = shape
-  opts = _options(point, [point["schedule"]] if point["schedule"] else None)
-  if explicit:  # the run config's pipeline, as the trainer would run it
-    pc = config.pipeline
-    bases = [sim.Plan(data=d, tensor=t, pipe=p, schedule=point["schedule"] or pc.schedule,
-                      microbatches=(point["microbatches"] or pc.microbatches) if p > 1 else 1,
-                      stage_layers=tuple(pc.stage_layers),
-                      remat=bool(config.model.remat or pc.remat))]
-  else:
-    rows = batch.global_batch // d if batch.global_batch % d == 0 else 0
-    if p == 1:
-      shapes = [("1f1b", 1)]
-    else:
-      micro = [point["microbatches"]] if point["microbatches"] else sorted(
-          {f * p for f in opts.microbatch_factors if rows and rows % (f * p) == 0}) or [p]
-      shapes = [(s, k) for s in opts.schedules for k in micro]
-    bases = [sim.Plan(data=d, tensor=t, pipe=p, schedule=s, microbatches=k, remat=r)
-             for r in (False, True) for s, k in shapes]
-  sim.check_plan(m, batch, c, bases[0])  # ConfigError: the mesh cannot hold this model
-  best, smallest = None, None
-  for remat in (False, True):
-    for base in [b for b in bases if b.remat == remat]:
-      if not explicit:
-        base = dataclasses.replace(base, stage_layers=planner.balanced_stages(m, batch, c, base))
-      for plan in _dp_variants(base, c, point, opts):
-        r = sim.simulate(m, batch, c, plan)
-        if r.fits and (best is None or r.tokens_per_s > best.tokens_per_s):
-          best = r
-        if not r.fits and (smallest is None or r.memory["total"] < smallest.memory["total"]):
-          smallest = r
-    if best is not None:
-      break  # remat only where nothing fits without it, as the planner does
-  return best, smallest
+  pc = config.pipeline
+  return sim.Plan(data=d, tensor=t, pipe=p, schedule=point["schedule"] or pc.schedule,
+                  microbatches=(point["microbatches"] or pc.microbatches) if p > 1 else 1,
+                  stage_layers=tuple(pc.stage_layers), remat=bool(config.model.remat or pc.remat))
+
+
+def _search_mesh(m, batch, c, shape, point, config, explicit: bool) -> planner.MeshSearch:
+  """planner.search_mesh for one mesh: a named one searched as the planner does, an explicit
+  one with the config's pipeline; the point's aggregator and compression kinds either way."""
+  bases = [_explicit_plan(shape, point, config)] if explicit else None
+  return planner.search_mesh(m, batch, c, shape, _options(point, named_mesh=not explicit),
+                             bases=bases, aggregator=point["aggregator"], pair_all=True)
 
 
 def _no_fit(c, smallest) -> str:
@@ -108,8 +71,7 @@ def run(point: dict) -> dict:
          "model": m.to_dict(), "batch": dataclasses.asdict(batch), "config": config.to_dict()}
   spec = point["mesh"]
   if spec in points_lib.PLANNED:
-    results, stats = planner.plan(m, batch, c, top=10**9, options=_options(point, (
-        [point["schedule"]] if point["schedule"] else None)))
+    results, stats = planner.plan(m, batch, c, top=10**9, options=_options(point))
     if spec == "hybrid":
       axes = lambda p: sum(x > 1 for x in (p.data, p.tensor, p.pipe))
       results = [r for r in results if axes(r.plan) >= 2]
@@ -123,11 +85,11 @@ def run(point: dict) -> dict:
   else:
     shape = points_lib.parse_mesh(spec, c.devices)
     try:
-      best, smallest = search_mesh(m, batch, c, shape, point, config,
-                                   explicit=spec not in ("dp", "tp", "pp"))
+      found = _search_mesh(m, batch, c, shape, point, config, explicit=spec not in ("dp", "tp", "pp"))
     except ConfigError as e:
       return {**out, "mesh": "x".join(map(str, shape)), "status": "infeasible",
               "reason": f"inexpressible: {e}"}
+    best, smallest = found.best, found.smallest
     if best is None:
       return {**out, "mesh": "x".join(map(str, shape)), "status": "infeasible",
               "reason": _no_fit(c, smallest), "memory_gib": smallest.memory["total"] / 2**30}

@@ -3,7 +3,8 @@ r"""Train a recommender from a config file.
   python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/rec_llm/run \
       [--config.mesh.data=2 --config.mesh.tensor=4 ...]
 
-Bad input (mesh, sizes, unknown names) ends with one `error:` line and exit code 2.
+Bad input (mesh, sizes, unknown names, a config key default.py does not have or lacks)
+ends with one `error:` line and exit code 2.
 """
 
 import os
@@ -12,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
+from experiments.configs import default
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl (and checkpoints).")
@@ -29,12 +31,13 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", _HOST_DEVICES.value)
   from rec_llm.errors import ConfigError, TrainingError
   from rec_llm.parallel import distributed
-  from rec_llm.train import trainer
+  from rec_llm.train import config_check, trainer
   distributed.initialize_from_env()
   logging.info("process %d/%d, %d local devices of %d (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   try:
+    config_check.check_fields(config, default.get_config())
     trainer.train(config, _WORKDIR.value)
   except ConfigError as e:
     cli.fail(str(e))

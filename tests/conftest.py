@@ -19,6 +19,11 @@ _USER_FLAGS = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                      os.environ.get("XLA_FLAGS", "")).strip()
 TEST_XLA_FLAGS = ("" if "xla_backend_optimization_level" in _USER_FLAGS
                   else "--xla_backend_optimization_level=0")
+# XLA:CPU aborts the process when a device thread has not reached a collective within 40 s
+# (the default); with 8 virtual devices on 2 busy cores a slow thread is not a hang (seen
+# once in CI: "Fatal Python error: Aborted" in a local-SGD step). Wait up to 10 minutes.
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in _USER_FLAGS:
+  TEST_XLA_FLAGS += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 SUBPROCESS_XLA_FLAGS = f"{_USER_FLAGS} {TEST_XLA_FLAGS}".strip()
 os.environ["XLA_FLAGS"] = f"{SUBPROCESS_XLA_FLAGS} --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -37,3 +37,17 @@ BAD = [
 @pytest.mark.parametrize("args,needle", BAD, ids=[n for _, n in BAD])
 def test_bad_input_gives_one_line_error(args, needle):
   one_error(run_trainer(args, timeout=60), needle)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ("c.train.lerning_rate = 1e-3",
+     "unknown config key train.lerning_rate; did you mean train.learning_rate?"),
+    ("del c.dp.compression.rank", "the config lacks dp.compression.rank; start from"),
+], ids=["typo", "missing"])
+def test_config_file_fields_match_default(tmp_path, edit, needle):
+  """A config file's keys are checked against experiments/configs/default.py (the one place
+  a default is written), so a typo is an error rather than a silently ignored setting."""
+  path = tmp_path / "cfg.py"
+  path.write_text("from experiments.configs import smoke\n\n\ndef get_config(arg=None):\n"
+                  f"  c = smoke.get_config(arg)\n  {edit}\n  return c\n")
+  one_error(run_trainer([f"--config={path}"], timeout=60), needle)

@@ -1,6 +1,8 @@
 import functools
+import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from experiments.configs import large_1b
+from rec_llm.models import arithmetic
 from rec_llm.models.seq_transformer import SeqTransformer, count_params
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import sharding, vocab_parallel
@@ -27,10 +30,25 @@ def _abstract(config, tensor):
   return mc, abstract, sharding.tree_shardings(abstract, mesh)
 
 
-def test_param_count_formula_matches_init():
-  mc, abstract, _ = _abstract(tiny_config(), 1)
-  n = sum(x.size for x in jax.tree.leaves(abstract.params))
-  assert sum(count_params(mc).values()) == n
+@pytest.mark.parametrize("get_config,tensor", [(tiny_config, 1), (tiny_config, 2),
+                                               (large_1b.get_config, 8)])
+def test_param_arithmetic_matches_init(get_config, tensor):
+  """rec_llm/models/arithmetic.py (JAX-free: the simulator's) against the real init: every
+  leaf's path and shape, whole and on one device under the parameter shardings."""
+  mc, abstract, shardings = _abstract(get_config(), tensor)
+  params = nn.meta.unbox(abstract.params)
+  path = lambda kp: "/".join(k.key for k in kp)
+  whole = {path(kp): tuple(x.shape) for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+  local = jax.tree.map(lambda x, s: s.shard_shape(x.shape), params, shardings.params)
+  local = {path(kp): tuple(x) for kp, x in jax.tree_util.tree_leaves_with_path(
+      local, is_leaf=lambda x: isinstance(x, tuple))}
+  assert list(whole) == list(arithmetic.param_shapes(mc))  # same leaves, same order
+  assert whole == arithmetic.param_shapes(mc)
+  assert local == arithmetic.param_shapes(mc, tensor)
+  assert sum(count_params(mc).values()) == sum(math.prod(s) for s in whole.values())
+  per_device = sum(math.prod(s) for s in local.values())
+  assert per_device == (mc.num_layers * arithmetic.block_params(mc, tensor)
+                        + arithmetic.shared_params(mc, tensor))
 
 
 def test_1b_model_initialises_abstractly_with_sharded_item_table():

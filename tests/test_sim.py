@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from rec_llm.errors import ConfigError
-from rec_llm.parallel import schedules
+from rec_llm.models import arithmetic
+from rec_llm.parallel import payload, schedules
 from rec_llm.sim import balance, cluster, cost_model as cm, partition, planner, simulator as sim
 from tests.conftest import ROOT
 
@@ -20,13 +21,17 @@ LARGE = cm.ModelSpec(num_layers=24, d_model=2048, num_heads=16, mlp_dim=8192, ma
                      num_items=2_000_000, dtype="bfloat16")
 
 
-def test_flops_and_params_match_the_model():
-  from rec_llm.models import seq_transformer as st
-  cfg = st.ModelConfig(num_items=4096, num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=64)
-  assert cm.model_flops_per_token(DEFAULT, 64) == st.flops_per_token(cfg, 64)
-  assert cm.count_params(DEFAULT) == st.count_params(cfg)
-  blocks = DEFAULT.num_layers * cm.block_params(DEFAULT) + 2 * DEFAULT.d_model
-  assert blocks == st.count_params(cfg)["blocks"]
+def test_model_arithmetic_by_hand():
+  """rec_llm/models/arithmetic.py (the model's and the simulator's, from the leaf shapes that
+  tests/test_model.py checks against the init) against its formulas written out."""
+  d, f, L, V = 128, 512, 4, DEFAULT.vocab_size
+  per_block = 4 * d * d + 2 * d + d + 2 * d * f + f + d + 4 * d  # q, v, out biases; 2 norms
+  assert arithmetic.count_params(DEFAULT) == {"embedding": V * d + 64 * d,
+                                              "blocks": L * per_block + 2 * d}
+  assert arithmetic.block_params(DEFAULT, 2) == (4 * d * d + 2 * d + 2 * d * f + f) / 2 + 6 * d
+  assert arithmetic.shared_params(DEFAULT, 2) == V * d / 2 + 64 * d + 2 * d
+  flops = 6.0 * L * (4 * d * d + 2 * d * f) + 6.0 * d * (4096 + 1) + 12.0 * L * 64 * d
+  assert arithmetic.flops_per_token(DEFAULT, 64) == flops
 
 
 def test_partition_solver_equals_brute_force():
@@ -93,7 +98,7 @@ def test_bubble_matches_schedules():
                     stage_layers=(1,) * pipe if pipe > 4 else ())
     m = DEFAULT if pipe <= 4 else cm.ModelSpec(**{**DEFAULT.__dict__, "num_layers": 8})
     r = sim.simulate(m, batch, c, plan)
-    sizes = sim.stage_sizes(m.num_layers, pipe, plan.stage_layers)
+    sizes = schedules.stage_sizes(m.num_layers, pipe, plan.stage_layers)
     costs = sim.stage_costs(m, batch, c, plan, sizes)
     sched = schedules.build(kind, pipe, micro)
     assert r.bubble == pytest.approx(schedules.bubble_fraction(sched, costs.fwd, costs.bwd))
@@ -114,31 +119,47 @@ def test_compression_lowers_dp_time():
   batch = sim.Batch(1024, 200)
   base = sim.Plan(data=16, tensor=8, pipe=1)
   none = sim.simulate(LARGE, batch, c, base)
-  # Quantised payloads travel encoded only through the ring (as rec_llm/parallel/compression.py).
+  # GSPMD's step all-reduces the item table's gradient twice (lookup and head); the explicit
+  # step reduces the summed tree once, and quantised payloads travel encoded only through
+  # the ring (as rec_llm/parallel/compression.py): int8 over psum is the dense float32 mean.
+  shapes = list(arithmetic.param_shapes(LARGE, 8).values())
+  table = payload.wire_bytes("psum", 16, arithmetic.table_params(LARGE, 8))
+  assert none.dp_bytes == payload.dense_bytes(shapes, 16) + table
   dense_int8 = sim.simulate(LARGE, batch, c, sim.Plan(data=16, tensor=8, compression="int8"))
-  assert dense_int8.dp_bytes == none.dp_bytes
+  assert dense_int8.dp_bytes == payload.dense_bytes(shapes, 16)
   for comp, agg in (("int8", "ring"), ("topk", "sparse"), ("powersgd", "psum"), ("sign", "ring"),
-                    ("qsgd", "ring")):
+                    ("qsgd", "ring"), ("randomk", "ring"), ("randomk", "psum")):
     r = sim.simulate(LARGE, batch, c, sim.Plan(data=16, tensor=8, compression=comp, aggregator=agg))
     assert r.breakdown["dp_comm"] < none.breakdown["dp_comm"], comp
     assert r.dp_bytes < none.dp_bytes and r.breakdown["compression"] > 0
+    assert r.dp_bytes == payload.payload_bytes(comp, shapes, replicas=16, aggregator=agg)
+  with pytest.raises(ConfigError, match="does not fit compression kind 'topk'"):
+    sim.simulate(LARGE, batch, c, sim.Plan(data=16, tensor=8, compression="topk", aggregator="ring"))
   # 8 data replicas per node: hierarchical (NVLink inside, InfiniBand across) beats a flat ring
   m = cm.ModelSpec(**{**LARGE.__dict__, "num_layers": 2, "num_items": 10_000})
   flat = sim.simulate(m, sim.Batch(1024, 200), c, sim.Plan(data=128))
   hier = sim.simulate(m, sim.Batch(1024, 200), c, sim.Plan(data=128, aggregator="hierarchical"))
   assert hier.breakdown["dp_comm"] < flat.breakdown["dp_comm"] / 4
-  # payload formulas
+  # payload formulas, by hand, on 4 replicas: leaves of 100,000 and 100 entries
   leaves = [(1000, 100), (100,)]
-  n = 100_100
-  assert cm.dp_payload_bytes(leaves, "none") == 4 * n
-  assert cm.dp_payload_bytes(leaves, "int8") == n + 4 * (math.ceil(100_000 / 256) + 1)
-  assert cm.dp_payload_bytes(leaves, "topk", ratio=0.01) == 4 * (1000 + 1)
-  assert cm.dp_payload_bytes(leaves, "powersgd", rank=4) == 4 * 4 * 1100 + 400
+  wire = lambda kind, agg, **kw: payload.payload_bytes(kind, leaves, replicas=4, aggregator=agg, **kw)
+  assert wire("none", "psum") == 2 * 3 / 4 * 4 * 100_100
+  # ring chunk ceil(100,100 / 4) = 25,025 entries, rounded up to the codec's chunk; 6 hops
+  assert wire("int8", "ring") == wire("qsgd", "ring") == 6 * (25_088 + 4 * 98)
+  assert wire("int8", "hierarchical", group=2) == wire("int8", "ring")
+  assert wire("sign", "ring") == 6 * (25_600 // 8 + 4 * 25)
+  assert wire("int8", "psum") == wire("none", "psum")  # decoded, then the float32 psum
+  # top-k per leaf in blocks of 65,536: 2 blocks x ceil(655.36) + 1 pairs of 4 bytes
+  assert wire("topk", "sparse", ratio=0.01) == 3 * (2 * 656 + 1) * 4
+  assert wire("randomk", "ring", ratio=0.01) == 6 * 4 * math.ceil(1001 / 4)
+  # PowerSGD: P [1000, 4] with the dense vector, then Q [100, 4]
+  assert wire("powersgd", "psum", rank=4) == 2 * 3 / 4 * 4 * (4000 + 100 + 400)
   # asynchrony: stale hides the reduction behind compute, local SGD divides it by H
   stale = sim.simulate(LARGE, batch, c, sim.Plan(data=16, tensor=8, dp_mode="stale"))
   local = sim.simulate(LARGE, batch, c, sim.Plan(data=16, tensor=8, dp_mode="local_sgd", local_steps=4))
   assert stale.breakdown["dp_exposed"] <= none.breakdown["dp_exposed"]
-  assert local.breakdown["dp_exposed"] == pytest.approx(none.breakdown["dp_comm"] / 4)
+  assert local.breakdown["dp_exposed"] == pytest.approx(local.breakdown["dp_comm"] / 4)
+  assert local.dp_bytes == stale.dp_bytes / 4 == dense_int8.dp_bytes / 4  # the tree, once
   assert stale.breakdown["straggler_s"] < none.breakdown["straggler_s"]
 
 

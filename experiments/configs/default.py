@@ -38,7 +38,12 @@ def get_config(arg=None):
   # saving over the remaining steps beats fixed_cost_s (-1: the measured compile time).
   c.balance = ml_collections.ConfigDict(dict(adaptive=False, every_steps=100, min_gain=0.05,
                                              repeats=5, fixed_cost_s=-1.0))
-  c.data = ml_collections.ConfigDict(dict(name="synthetic", num_items=4096, zipf_a=1.1, p_follow=0.8))
+  # name: 'synthetic' (num_items, zipf_a, p_follow, eval_users apply) or a MovieLens format
+  # ('ml-100k', 'ml-1m', 'ml-20m', 'ml-25m', 'sasrec': path, data_dir, length_buckets apply).
+  # length_buckets: input widths a batch may be cut to, e.g. (25, 50, 100) ((): always max_len).
+  c.data = ml_collections.ConfigDict(dict(
+      name="synthetic", num_items=4096, zipf_a=1.1, p_follow=0.8, eval_users=512,
+      path="", data_dir="", length_buckets=()))
   c.train = ml_collections.ConfigDict(dict(
       steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=30, end_lr_fraction=0.1,
       optimizer="adamw", momentum=0.0,  # 'adamw' | 'sgd' (heavy-ball momentum)

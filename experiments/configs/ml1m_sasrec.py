@@ -29,8 +29,7 @@ def get_config(arg=None):
                  dropout_rate=0.2, vocab_multiple=128, temperature=0.05)
   # Length buckets: a batch of similar-length users is only as wide as it needs to be
   # (exact: positions count back from the latest item), 1.5x fewer positions on ML-1M.
-  c.data = default.ml_collections.ConfigDict(dict(name="sasrec", path="", data_dir="",
-                                                  length_buckets=(25, 50, 100)))
+  c.data.update(name="sasrec", length_buckets=(25, 50, 100))
   c.train.update(steps=3000, batch_size=128, learning_rate=2e-3, warmup_steps=100,
                  end_lr_fraction=0.05, weight_decay=0.01, b2=0.98, log_every=100)  # 64 epochs
   c.eval.update(every_steps=500, batch_size=512, ks=(10, 50, 200), num_negatives=0,

@@ -55,9 +55,8 @@ def make_source(data_cfg: ConfigDict, seq_len: int, batch_size: int, seed: int) 
   check_name(data_cfg.name)
   if data_cfg.name == "synthetic":
     syn = SyntheticSequences(int(data_cfg.num_items), seq_len, seed=seed,
-                             zipf_a=float(data_cfg.get("zipf_a", 1.1)),
-                             p_follow=float(data_cfg.get("p_follow", 0.8)))
-    n_eval = int(data_cfg.get("eval_users", 512))
+                             zipf_a=float(data_cfg.zipf_a), p_follow=float(data_cfg.p_follow))
+    n_eval = int(data_cfg.eval_users)
 
     def synthetic_eval(split):
       rows = syn.rows(_EVAL_STEP[split], 0, n_eval)
@@ -65,18 +64,18 @@ def make_source(data_cfg: ConfigDict, seq_len: int, batch_size: int, seed: int) 
     return Source("synthetic", syn.num_items, seq_len, syn.rows, synthetic_eval)
 
   from rec_llm.data import movielens  # the TFDS stack loads only for real data
-  path = data_cfg.get("path", "")
+  path = data_cfg.path
   if not path:
     raise ConfigError(f"data.name={data_cfg.name!r} needs data.path: the raw MovieLens directory, "
                       "ratings file or GroupLens zip (https://grouplens.org/datasets/movielens/)")
-  load = lambda: movielens.load(path, data_cfg.name, data_cfg.get("data_dir") or None)
+  load = lambda: movielens.load(path, data_cfg.name, data_cfg.data_dir or None)
   if jax.process_count() > 1:  # one process prepares the cache; the others then read it
     if jax.process_index() == 0:
       load()
     multihost_utils.sync_global_devices("rec_llm:data_prepared")
   hist = load()
   loo = split_lib.leave_one_out(hist.sequences, hist.num_items)
-  buckets = tuple(int(b) + 1 for b in data_cfg.get("length_buckets", ()))  # + the target
+  buckets = tuple(int(b) + 1 for b in data_cfg.length_buckets)  # + the target
   if any(b < 3 or b > seq_len for b in buckets):
     raise ConfigError(f"data.length_buckets={list(data_cfg.length_buckets)} must lie in "
                       f"[2, model.max_len={seq_len - 1}]")

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rec_llm.models import arithmetic
 from rec_llm.parallel import vocab_parallel
 
 Logical = nn.with_logical_partitioning
@@ -172,21 +173,7 @@ def final_norm(cfg: ModelConfig, params, x):
       params["item_embedding"])
 
 
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-  """Parameter counts by group (biases and norms included)."""
-  d, f, h = cfg.d_model, cfg.mlp_dim, cfg.num_heads * cfg.head_dim
-  per_block = 4 * d * h + 2 * h + d + 2 * d * f + f + d + 4 * d
-  return {"embedding": cfg.vocab_size * d + cfg.max_len * d,
-          "blocks": cfg.num_layers * per_block + 2 * d}
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward = 3x forward, multiply-add = 2 FLOPs).
-
-  6 * (block matmul weights) + 6 * d * items (the tied item-scoring head) + 12 * L * S * d
-  (attention scores and weighted values, counted over the full S x S square as in PaLM).
-  The embedding gather, norms and softmax are not counted.
-  """
-  d, h = cfg.d_model, cfg.num_heads * cfg.head_dim
-  matmul = cfg.num_layers * (4 * d * h + 2 * d * cfg.mlp_dim)
-  return 6.0 * matmul + 6.0 * d * (cfg.num_items + 1) + 12.0 * cfg.num_layers * seq_len * h
+# Parameter counts by group and training FLOPs per token: rec_llm/models/arithmetic.py (shared
+# with the simulator, which plans without JAX).
+count_params = arithmetic.count_params
+flops_per_token = arithmetic.flops_per_token

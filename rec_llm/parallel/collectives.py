@@ -18,48 +18,29 @@ Algorithms (n replicas, S bytes of float32 per device):
   inter-node links (the flat ring sends most of its hops between nodes).
 - 'sparse': all-gather of each replica's k (index, value) pairs, scatter-add, divide by n.
 
-Wire bytes each device sends per call (`wire_bytes`), E(m) = bytes of m encoded elements
-(4m uncompressed), c = ceil(numel / n) rounded up to the codec's block:
-  psum          2(n-1)/n * S                       (an optimal ring all-reduce)
-  ring          2(n-1) * E(c)                      (= 2(n-1)/n * S when uncompressed)
-  hierarchical  2(g-1) * nodes * E(c) + 2(nodes-1) * E(c)
-  sparse        (n-1) * k * pair_bytes             (all-gather of k pairs)
-`hlo_wire_bytes` turns `hlo_stats.collective_bytes` (payload convention: all-reduce and
-all-gather count their result, collective-permute its result per hop) into the same units.
+The bytes each algorithm sends per call (`payload.wire_bytes`, `payload.ring_hops`) and the
+vocabulary (AGGREGATORS, DENSE) live in rec_llm/parallel/payload.py, which the simulator
+shares without JAX.
 """
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-AGGREGATORS = ("psum", "ring", "hierarchical", "sparse")
-DENSE = ("psum", "ring", "hierarchical")
+from rec_llm.parallel import payload
+
+AGGREGATORS, DENSE = payload.AGGREGATORS, payload.DENSE  # as rec_llm/train names them here
 
 
 class Codec(NamedTuple):
   """How a ring carries a chunk: encode(chunk [m], key) -> payload pytree; decode(payload) ->
-  chunk [m]. Chunk lengths are multiples of `block`; `key` is None or a fresh PRNG key per
-  encoding (for stochastic codecs; deterministic ones ignore it)."""
+  chunk [m]. Chunk lengths are multiples of `block` (payload.CODEC_CHUNK); `key` is None or
+  a fresh PRNG key per encoding (for stochastic codecs; deterministic ones ignore it)."""
   encode: Callable[[jax.Array, Any], Any]
   decode: Callable[[Any], jax.Array]
   block: int = 1
-
-
-def encoded_bytes(codec: Codec | None, m: int) -> int:
-  """E(m): bytes of the payload that encodes m elements (4m for float32 without a codec)."""
-  if codec is None:
-    return 4 * m
-  out = jax.eval_shape(codec.encode, jax.ShapeDtypeStruct((m,), jnp.float32),
-                       jax.ShapeDtypeStruct((2,), jnp.uint32))
-  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(out))
-
-
-def _chunk(numel: int, n: int, codec: Codec | None) -> int:
-  block = codec.block if codec else 1
-  return max(1, math.ceil(math.ceil(numel / n) / block)) * block
 
 
 def _ring_perm(rings: list[list[int]]) -> list[tuple[int, int]]:
@@ -140,7 +121,7 @@ def mean(x: jax.Array, *, axis: str, n: int, aggregator: str = "psum", group: in
     return (lax.psum(flat, axis) / n).reshape(shape)
   if aggregator not in ("ring", "hierarchical"):
     raise ValueError(f"aggregator={aggregator!r} is not a dense mean; use one of {DENSE}")
-  c = _chunk(flat.size, n, codec)
+  c = payload.chunk(flat.size, n, codec.block if codec else 1)
   padded = jnp.pad(flat, (0, n * c - flat.size))
   i = lax.axis_index(axis)
   if aggregator == "ring":
@@ -181,31 +162,3 @@ def sparse_mean(indices: jax.Array, values: jax.Array, size: int, *, axis: str, 
   if base is not None:
     idx = (idx.reshape(n, -1) + jnp.asarray(base, jnp.int32)[None]).reshape(-1)
   return jnp.zeros((size,), jnp.float32).at[idx].add(val) / n
-
-
-def wire_bytes(aggregator: str, n: int, numel: int, *, group: int = 0,
-               codec: Codec | None = None, pair_bytes: int = 8) -> int:
-  """Bytes each device sends for one `mean` of `numel` float32 elements (for 'sparse':
-  one `sparse_mean` of `numel` pairs of `pair_bytes` each). Formulas: module docstring."""
-  if n == 1 or numel == 0:
-    return 0
-  if aggregator == "psum":
-    return round(2 * (n - 1) / n * 4 * numel)
-  if aggregator == "sparse":
-    return (n - 1) * numel * pair_bytes
-  e = encoded_bytes(codec, _chunk(numel, n, codec))
-  if aggregator == "ring":
-    return 2 * (n - 1) * e
-  if aggregator == "hierarchical":
-    nodes = n // group
-    return 2 * (group - 1) * nodes * e + 2 * (nodes - 1) * e
-  raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
-
-
-def hlo_wire_bytes(by_kind: dict, n: int) -> float:
-  """Wire bytes per device from `hlo_stats` payloads {kind: bytes} of collectives over n
-  devices: all-reduce x 2(n-1)/n, all-gather / reduce-scatter / all-to-all x (n-1)/n,
-  collective-permute as is (its result is what one hop sends)."""
-  f = (n - 1) / n
-  return (by_kind.get("all-reduce", 0) * 2 * f + by_kind.get("collective-permute", 0) +
-          f * sum(by_kind.get(k, 0) for k in ("all-gather", "reduce-scatter", "all-to-all")))

@@ -37,13 +37,11 @@ carry encoded chunks (each reduce-scatter hop re-encodes its partial sum; that r
 is not error-fed-back). With 'psum' they decode first and psum float32: the same arithmetic
 without the savings. Only the carrying aggregators (and 'sparse') cut the bytes on the wire.
 
-`payload_bytes` gives the wire bytes each device sends per step (formulas in
-rec_llm/parallel/collectives.py), `dense_bytes` the uncompressed psum baseline. Encoded sizes
-of m entries: int8 and qsgd m + 4m/256 (int8 levels, also for bits < 8: no sub-byte packing),
-sign m/8 + 4m/1024, top-k 4 bytes per (offset, value) pair.
+`payload_bytes` gives the wire bytes each device sends per step, `dense_bytes` the
+uncompressed psum baseline: rec_llm/parallel/payload.py holds their formulas, the chunk sizes
+and the layouts above (shared with the simulator, without JAX).
 """
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -53,14 +51,11 @@ import optax
 from jax import lax
 
 from rec_llm.errors import ConfigError
-from rec_llm.parallel import collectives
-from rec_llm.parallel.collectives import AGGREGATORS, DENSE, Codec
+from rec_llm.parallel import collectives, payload
+from rec_llm.parallel.collectives import Codec
+from rec_llm.parallel.payload import INT8_CHUNK, QSGD_CHUNK, SIGN_CHUNK
 
-KINDS = ("none", "topk", "randomk", "qsgd", "int8", "sign", "powersgd")
-TOPK_BLOCK = 65_536   # uint16 offsets address a block
-INT8_CHUNK = QSGD_CHUNK = 256
-SIGN_CHUNK = 1_024    # 128 bytes of signs + a 4-byte scale: 1/31 of float32
-POWERSGD_MIN_SIZE = 4_096
+KINDS = payload.KINDS  # as rec_llm/train names them here
 
 
 # ----------------------------------------------------------------------------- codecs
@@ -124,33 +119,6 @@ def roundtrip(codec: Codec, x: jax.Array, key=None) -> jax.Array:
   """decode(encode(x)) for a flat x of any length (padded to the codec's block, then cut)."""
   pad = -x.size % codec.block
   return codec.decode(codec.encode(jnp.pad(x, (0, pad)), key))[:x.size]
-
-
-# ----------------------------------------------------------------------------- layouts
-
-def _topk_layout(size: int, ratio: float) -> tuple[int, int, int]:
-  """(block length, blocks, k per block) of one leaf."""
-  block = min(TOPK_BLOCK, size)
-  return block, math.ceil(size / block), math.ceil(ratio * block)
-
-
-def _randomk_layout(total: int, ratio: float) -> tuple[int, int]:
-  """(k, stride): one index drawn from each of k stretches of `stride` entries."""
-  stride = math.ceil(total / math.ceil(ratio * total))
-  return math.ceil(total / stride), stride
-
-
-def _powersgd_layout(shape, rank: int):
-  """(rows, cols, rank) of the low-rank factorisation, or None to send the leaf dense."""
-  size = math.prod(shape)
-  if len(shape) < 2 or size < POWERSGD_MIN_SIZE:
-    return None
-  # The most square [rows, cols] view (split between leading and trailing dims): a stacked
-  # [layers, ...] kernel seen as [layers, rest] would barely compress.
-  cut = min(range(1, len(shape)), key=lambda k: abs(math.log(math.prod(shape[:k]) / math.prod(shape[k:]))))
-  a = math.prod(shape[:cut])
-  b = size // a
-  return a, b, min(rank, a, b)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -254,7 +222,7 @@ def _topk(axis, n, aggregator, ratio, momentum):
     idxs, vals, bases, new_v, new_u, start = [], [], [], [], [], 0
     for g, v, u in zip(leaves, vs, us):
       size = g.size
-      block, nb, kb = _topk_layout(size, ratio)
+      block, nb, kb = payload.topk_layout(size, ratio)
       g = g.reshape(-1).astype(jnp.float32)
       if u is not None:
         u = momentum * u.reshape(-1) + g
@@ -282,7 +250,7 @@ def _topk(axis, n, aggregator, ratio, momentum):
       dense = lax.psum(local, axis) / n
     out, pos = [], 0
     for g in leaves:
-      block, nb, _ = _topk_layout(g.size, ratio)
+      block, nb, _ = payload.topk_layout(g.size, ratio)
       out.append(dense[pos:pos + g.size].reshape(g.shape).astype(g.dtype))
       pos += nb * block
     return treedef.unflatten(out), TopKState(
@@ -298,7 +266,7 @@ def _randomk(mean, ratio, seed):
   def update(grads, state, params=None):
     flat, unravel = _ravel(grads)
     res, unravel_res = _ravel(state.residual)
-    k, stride = _randomk_layout(flat.size, ratio)
+    k, stride = payload.randomk_layout(flat.size, ratio)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)  # shared: same indices
     idx = jnp.arange(k) * stride + jax.random.randint(key, (k,), 0, stride)
     acc = jnp.pad(flat + res, (0, k * stride - flat.size))
@@ -312,7 +280,7 @@ def _randomk(mean, ratio, seed):
 def _powersgd(mean, rank, seed):
   def init(params):
     def q0(i, x):
-      lay = _powersgd_layout(jnp.shape(x), rank)
+      lay = payload.powersgd_layout(jnp.shape(x), rank)
       if lay is None:
         return jnp.zeros((0,), jnp.float32)
       _, b, r = lay
@@ -324,7 +292,7 @@ def _powersgd(mean, rank, seed):
   def update(grads, state, params=None):
     leaves, treedef = jax.tree.flatten(grads)
     res, qs = treedef.flatten_up_to(state.residual), treedef.flatten_up_to(state.q)
-    lays = [_powersgd_layout(g.shape, rank) for g in leaves]
+    lays = [payload.powersgd_layout(g.shape, rank) for g in leaves]
     ms = [g.astype(jnp.float32) + e for g, e in zip(leaves, res)]
     ms = [m if lay is None else m.reshape(lay[0], lay[1]) for m, lay in zip(ms, lays)]
     # Pass 1: P = M Q of low-rank leaves and the dense leaves, in one mean.
@@ -362,32 +330,6 @@ def _split(v, like):
 
 # ----------------------------------------------------------------------------- API
 
-def _check(kind, aggregator, replicas, ratio, bits, rank, group, momentum):
-  if kind not in KINDS:
-    raise ConfigError(f"unknown compression kind {kind!r}; choose one of {KINDS}")
-  if aggregator not in AGGREGATORS:
-    raise ConfigError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
-  allowed = ("sparse", "psum") if kind == "topk" else DENSE
-  if aggregator not in allowed:
-    raise ConfigError(f"aggregator={aggregator!r} does not fit compression kind {kind!r}; "
-                      f"use one of {allowed}")
-  if not isinstance(replicas, int) or replicas < 1:
-    raise ConfigError(f"replicas={replicas} must be a positive integer: the size of the data axis")
-  if kind in ("topk", "randomk") and not 0 < ratio <= 1:
-    raise ConfigError(f"ratio={ratio} is outside (0, 1]; it is the fraction of entries sent, "
-                      f"e.g. ratio=0.01")
-  if kind == "qsgd" and not (isinstance(bits, int) and 2 <= bits <= 8):
-    raise ConfigError(f"bits={bits} is outside [2, 8]; QSGD sends int8 levels, e.g. bits=8")
-  if kind == "powersgd" and not (isinstance(rank, int) and rank > 0):
-    raise ConfigError(f"rank={rank} must be a positive integer for PowerSGD, e.g. rank=4")
-  if aggregator == "hierarchical" and not (isinstance(group, int) and group > 0 and
-                                           replicas % group == 0):
-    raise ConfigError(f"group={group} must be a positive divisor of replicas={replicas} "
-                      f"(devices per node) for the hierarchical aggregator, e.g. group=2")
-  if kind == "topk" and not 0 <= momentum < 1:
-    raise ConfigError(f"momentum={momentum} is outside [0, 1); use 0 for plain top-k")
-
-
 def make(kind: str, *, axis: str, replicas: int, aggregator: str = "psum", ratio: float = 0.01,
          bits: int = 8, rank: int = 4, group: int = 0, momentum: float = 0.0,
          seed: int = 0) -> optax.GradientTransformation:
@@ -406,8 +348,8 @@ def make(kind: str, *, axis: str, replicas: int, aggregator: str = "psum", ratio
     seed: randomness shared by all replicas (random-k indices, PowerSGD's initial Q) and,
       folded with the replica index, QSGD's rounding.
   """
-  _check(kind, aggregator, replicas, ratio, bits, rank, group, momentum)
-  carry = aggregator in ("ring", "hierarchical")
+  payload.check(kind, aggregator, replicas, ratio, bits, rank, group, momentum)
+  carry = aggregator in payload.CARRYING
 
   def mean(x, codec=None, key=None):
     return collectives.mean(x, axis=axis, n=replicas, aggregator=aggregator, group=group,
@@ -442,32 +384,12 @@ def _shapes(shapes) -> list[tuple[int, ...]]:
 
 def dense_bytes(shapes, replicas: int) -> int:
   """Wire bytes per device of the uncompressed float32 psum (the baseline)."""
-  return collectives.wire_bytes("psum", replicas, sum(math.prod(s) for s in _shapes(shapes)))
+  return payload.dense_bytes(_shapes(shapes), replicas)
 
 
 def payload_bytes(kind: str, shapes, *, replicas: int, aggregator: str = "psum",
                   ratio: float = 0.01, bits: int = 8, rank: int = 4, group: int = 0) -> int:
-  """Wire bytes each device sends per `update` for gradients of these leaf shapes."""
-  _check(kind, aggregator, replicas, ratio, bits, rank, group, 0.0)
-  shapes = _shapes(shapes)
-  total = sum(math.prod(s) for s in shapes)
-  wire = lambda numel, codec=None, **kw: collectives.wire_bytes(
-      aggregator, replicas, numel, group=group, codec=codec, **kw)
-  carry = aggregator in ("ring", "hierarchical")
-  if kind == "none":
-    return wire(total)
-  if kind in ("int8", "sign", "qsgd"):
-    codec = {"int8": INT8, "sign": SIGN, "qsgd": _qsgd_codec(bits)}[kind]
-    return wire(total, codec if carry else None)
-  if kind == "topk":
-    if aggregator == "psum":
-      return wire(sum(nb * block for block, nb, _ in
-                      (_topk_layout(math.prod(s), ratio) for s in shapes)))
-    pairs = sum(nb * kb for _, nb, kb in (_topk_layout(math.prod(s), ratio) for s in shapes))
-    return wire(pairs, pair_bytes=4)  # uint16 offset + bfloat16 value
-  if kind == "randomk":
-    return wire(_randomk_layout(total, ratio)[0])
-  lays = [(_powersgd_layout(s, rank), math.prod(s)) for s in shapes]
-  first = sum(size if lay is None else lay[0] * lay[2] for lay, size in lays)
-  second = sum(lay[1] * lay[2] for lay, _ in lays if lay is not None)
-  return wire(first) + wire(second)
+  """Wire bytes each device sends per `update` for gradients of these leaf shapes (a pytree
+  of arrays, ShapeDtypeStructs or shape tuples): payload.payload_bytes."""
+  return payload.payload_bytes(kind, _shapes(shapes), replicas=replicas, aggregator=aggregator,
+                               ratio=ratio, bits=bits, rank=rank, group=group)

@@ -43,7 +43,8 @@ Design (why):
 """
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,14 +60,6 @@ class StageFns:
   first: Callable[[Any, Any], jax.Array]
   layer: Callable[[Any, jax.Array, Any], jax.Array]
   last: Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
-
-
-def stage_sizes(num_layers: int, stages: int, stage_layers=()) -> tuple[int, ...]:
-  """Blocks per stage: `stage_layers` if given, else as even as possible (earlier stages +1)."""
-  if stage_layers:
-    return tuple(int(n) for n in stage_layers)
-  q, r = divmod(num_layers, stages)
-  return tuple(q + (s < r) for s in range(stages))
 
 
 def stage_plan(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,7 +87,7 @@ def _tree_zeros(shapes):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
-def _block_residuals(layer_fn, sp, x_shape, mb):
+def block_residuals(layer_fn, sp, x_shape, mb):
   """(treedef, leaf shapes) of one block's vjp residuals."""
   treedef = []
 
@@ -108,7 +101,7 @@ def _block_residuals(layer_fn, sp, x_shape, mb):
   return treedef[0], shapes
 
 
-def _blocks_forward(layer_fn, sp, x, mb, count, res, slot):
+def blocks_forward(layer_fn, sp, x, mb, count, res, slot):
   """The stage's first `count` blocks of `sp` ([width, ...] slots) on x; each block's vjp
   residuals go to res[slot, j] (res: leaves [in_flight, width, ...]).
 
@@ -125,8 +118,8 @@ def _blocks_forward(layer_fn, sp, x, mb, count, res, slot):
   return lax.fori_loop(0, count, body, (x, res))
 
 
-def _blocks_backward(treedef, res, slot, count, dy, g_sp):
-  """Backward of `_blocks_forward` from its stored residuals, last block first: (dx, g_sp
+def blocks_backward(treedef, res, slot, count, dy, g_sp):
+  """Backward of `blocks_forward` from its stored residuals, last block first: (dx, g_sp
   with each block's gradient added at its slot)."""
   def body(k, carry):
     dy, g_sp = carry
@@ -136,11 +129,155 @@ def _blocks_backward(treedef, res, slot, count, dy, g_sp):
   return lax.fori_loop(0, count, body, (dy, g_sp))
 
 
-def _embed_backward(fns, shared, mb, dx, g_sh):
+def embed_backward(fns, shared, mb, dx, g_sh):
   """g_sh plus the embedding's parameter gradient for the stage-0 input gradient dx (the
   embedding is re-run: it is a lookup, cheaper to redo than to store)."""
   g = jax.vjp(lambda sh: fns.first(sh, mb), shared)[1](dx)[0]
   return jax.tree.map(jnp.add, g_sh, g)
+
+
+def head_value_and_grad(fns: StageFns):
+  """(shared, x, mb) -> ((loss_sum, aux), (g_shared, dx)) of the last stage's head."""
+  return jax.value_and_grad(fns.last, argnums=(0, 1), has_aux=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """What one stage's ticks share: constant over the schedule (inside the shard_map)."""
+  fns: StageFns
+  layer_fn: Callable
+  treedef: Any              # of one block's vjp residuals
+  shared: Any               # shared parameters (embedding, head)
+  sp: Any                   # this stage's blocks, [width, ...] slots
+  mbatch: Any               # the replica's batch as [microbatches, rows, ...]
+  count: jax.Array          # blocks this stage runs (traced: per stage)
+  stage: jax.Array          # this stage's index
+  nstages: int
+  scale: jax.Array
+  sched: schedules.Schedule
+  axis: str                 # the mesh axis of the stages
+
+  @property
+  def k_grad(self) -> int:  # the last stage parks its outputs in its gradient slots
+    return max(self.sched.grad_slots, self.sched.in_flight)
+
+
+class Carry(NamedTuple):
+  """A stage's state between ticks."""
+  res: list          # per residual leaf: [in_flight, width, ...] vjp residuals of its blocks
+  act: jax.Array     # [act_slots, rows, seq, d] activations received, not yet consumed
+  grad: jax.Array    # [k_grad, rows, seq, d] gradients received (last stage: its outputs)
+  g_sp: Any          # gradients of the stage's block slots
+  g_sh: Any          # gradients of the shared parameters
+  loss: jax.Array    # scale * the loss sums of the microbatches done
+  aux: Any           # their aux sums
+
+
+def init_carry(st: Stage, x_shape, res_shape, aux_shape) -> Carry:
+  s = st.sched
+  width = (jax.tree.leaves(st.sp)[0].shape[0],)
+  return Carry(
+      # Uninitialised: a slot is read only after the forward of its microbatch wrote it.
+      res=[lax.empty((s.in_flight,) + width + r.shape, r.dtype) for r in res_shape],
+      act=jnp.zeros((s.act_slots,) + x_shape.shape, x_shape.dtype),
+      grad=jnp.zeros((st.k_grad,) + x_shape.shape, x_shape.dtype),
+      g_sp=jax.tree.map(jnp.zeros_like, st.sp), g_sh=jax.tree.map(jnp.zeros_like, st.shared),
+      loss=jnp.zeros((), jnp.float32), aux=_tree_zeros(aux_shape))
+
+
+def _forward_op(st: Stage, c: Carry, fwd, i, mb) -> tuple[jax.Array, Carry]:
+  """This tick's forward (zero blocks when it is not one): (output, carry). The last stage
+  sends nothing: it parks its output in its gradient slot until the microbatch's backward."""
+  is_first, is_last = st.stage == 0, st.stage == st.nstages - 1
+  x = lax.cond(is_first & fwd, lambda: st.fns.first(st.shared, mb),
+               lambda: c.act[i % st.sched.act_slots])
+  y, res = blocks_forward(st.layer_fn, st.sp, x, mb, jnp.where(fwd, st.count, 0), c.res,
+                          i % st.sched.in_flight)
+  y = jnp.where(fwd, y, 0)
+  g = i % st.k_grad
+  grad = c.grad.at[g].set(jnp.where(is_last & fwd, y, c.grad[g]))
+  return y, c._replace(res=res, grad=grad)
+
+
+def _head_op(st: Stage, c: Carry, bwd, i, mb) -> tuple[jax.Array, Carry]:
+  """The last stage's head, forward and backward, in its backward tick (so no [mb, seq,
+  vocab] logits are ever stored): (the gradient entering the blocks' backward, carry)."""
+  g = i % st.k_grad
+
+  def head(c):
+    (loss, aux), (g_sh, dy) = head_value_and_grad(st.fns)(st.shared, c.grad[g], mb)
+    return ((dy * st.scale).astype(dy.dtype),
+            c._replace(g_sh=jax.tree.map(lambda a, g: a + g * st.scale, c.g_sh, g_sh),
+                       loss=c.loss + loss * st.scale, aux=jax.tree.map(jnp.add, c.aux, aux)))
+  return lax.cond((st.stage == st.nstages - 1) & bwd, head, lambda c: (c.grad[g], c), c)
+
+
+def _backward_op(st: Stage, c: Carry, bwd, i, mb, dy) -> tuple[jax.Array, Carry]:
+  """This tick's backward (zero blocks when it is not one): (input gradient, carry)."""
+  dx, g_sp = blocks_backward(st.treedef, c.res, i % st.sched.in_flight,
+                             jnp.where(bwd, st.count, 0), dy, c.g_sp)
+  dx = jnp.where(bwd, dx, 0)
+  g_sh = lax.cond((st.stage == 0) & bwd,
+                  lambda: embed_backward(st.fns, st.shared, mb, dx, c.g_sh), lambda: c.g_sh)
+  return dx, c._replace(g_sp=g_sp, g_sh=g_sh)
+
+
+def _exchange(st: Stage, c: Carry, op_row, mb_row, y, dx) -> Carry:
+  """Lock-step neighbours: every stage sends every tick (zeros when it had nothing); what
+  arrives is kept in the slot of its microbatch."""
+  n, stage = st.nstages, st.stage
+  recv_y = lax.ppermute(y, st.axis, [(s, s + 1) for s in range(n - 1)])
+  recv_dx = lax.ppermute(dx, st.axis, [(s + 1, s) for s in range(n - 1)])
+  prev, nxt = jnp.maximum(stage - 1, 0), jnp.minimum(stage + 1, n - 1)
+  got_y = (stage > 0) & (op_row[prev] == schedules.FWD)
+  got_dx = (stage < n - 1) & (op_row[nxt] == schedules.BWD)
+  ya, dxa = mb_row[prev] % st.sched.act_slots, mb_row[nxt] % st.k_grad
+  return c._replace(act=c.act.at[ya].set(jnp.where(got_y, recv_y, c.act[ya])),
+                    grad=c.grad.at[dxa].set(jnp.where(got_dx, recv_dx, c.grad[dxa])))
+
+
+def tick(st: Stage, c: Carry, row) -> Carry:
+  """One tick of the schedule on one stage: at most one op, then the exchange.
+
+  The blocks' loops run `count` iterations on a tick with their op and none otherwise,
+  rather than sit under a cond: a cond would pass the residual buffers through and XLA
+  copies them, every tick.
+  """
+  op_row, mb_row = row
+  op, i = op_row[st.stage], mb_row[st.stage]
+  mb = jax.tree.map(lambda a: a[i], st.mbatch)
+  fwd, bwd = op == schedules.FWD, op == schedules.BWD
+  y, c = _forward_op(st, c, fwd, i, mb)
+  dy, c = _head_op(st, c, bwd, i, mb)
+  dx, c = _backward_op(st, c, bwd, i, mb, dy)
+  return _exchange(st, c, op_row, mb_row, y, dx)
+
+
+def _stage_loop(fns, layer_fn, sched, index, counts, layers, shared, batch, scale, *, baxis,
+                paxis, nstages):
+  """Inside the shard_map (manual over data and stages): one replica's stage runs the
+  schedule; returns its loss, aux sums and gradients, reduced over data (and the shared
+  ones over stages)."""
+  m = sched.microbatches
+  stage = lax.axis_index(paxis)
+  mbatch = jax.tree.map(lambda a: a.reshape((m, a.shape[0] // m) + a.shape[1:]), batch)
+  sp = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
+  mb0 = jax.tree.map(lambda a: a[0], mbatch)
+  x_shape = jax.eval_shape(fns.first, shared, mb0)
+  head_shape = jax.eval_shape(head_value_and_grad(fns), shared,
+                              jnp.zeros(x_shape.shape, x_shape.dtype), mb0)
+  treedef, res_shape = block_residuals(layer_fn, sp, x_shape, mb0)
+  st = Stage(fns, layer_fn, treedef, shared, sp, mbatch, jnp.asarray(counts)[stage], stage,
+             nstages, scale, sched, paxis)
+  c, _ = lax.scan(lambda c, row: (tick(st, c, row), None),
+                  init_carry(st, x_shape, res_shape, head_shape[0][1]),
+                  (jnp.asarray(sched.op), jnp.asarray(sched.mb)))
+  # One data-parallel reduction per step, then the shared params (used by the first and
+  # last stages) summed over stages.
+  g_sp, g_sh = lax.psum((c.g_sp, c.g_sh), baxis)
+  g_sh = lax.psum(g_sh, paxis)
+  loss, aux = lax.psum((c.loss, c.aux), (baxis, paxis))
+  return (loss, aux), (g_sp, g_sh)
 
 
 def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array, *, mesh: Mesh,
@@ -164,106 +301,25 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
     (loss, aux_sums), (grad_layers, grad_shared), all replicated over data and stages.
   """
   baxis, paxis = sharding.mesh_axis("batch"), sharding.mesh_axis("stage")
-  nstages, m = mesh.shape[paxis], microbatches
+  nstages = mesh.shape[paxis]
   counts, index, _ = stage_plan(tuple(stage_layers))
   if len(counts) != nstages:
     raise ValueError(f"{len(counts)} stage sizes for {nstages} stages")
-  sched = schedules.build(schedule, nstages, m)
-  ops, mbs = jnp.asarray(sched.op), jnp.asarray(sched.mb)
-  k_res, k_act, k_grad = sched.in_flight, sched.act_slots, sched.grad_slots
-  layer_fn = jax.checkpoint(fns.layer) if remat else fns.layer
-  head_vg = jax.value_and_grad(fns.last, argnums=(0, 1), has_aux=True)
-  fwd_pairs = [(s, s + 1) for s in range(nstages - 1)]
-  bwd_pairs = [(s + 1, s) for s in range(nstages - 1)]
+  loop = functools.partial(
+      _stage_loop, fns, jax.checkpoint(fns.layer) if remat else fns.layer,
+      schedules.build(schedule, nstages, microbatches), index, counts,
+      baxis=baxis, paxis=paxis, nstages=nstages)
 
-  def body(layers, shared, batch, scale):
-    stage = lax.axis_index(paxis)
-    is_first, is_last = stage == 0, stage == nstages - 1
-    mbatch = jax.tree.map(lambda a: a.reshape((m, a.shape[0] // m) + a.shape[1:]), batch)
-    sp = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
-    mb0 = jax.tree.map(lambda a: a[0], mbatch)
-    x_shape = jax.eval_shape(fns.first, shared, mb0)
-    zeros_x = lambda: jnp.zeros(x_shape.shape, x_shape.dtype)
-    head_shape = jax.eval_shape(head_vg, shared, zeros_x(), mb0)
-    sp_width = (int(index.shape[1]),)
-
-    count = jnp.asarray(counts)[stage]
-    treedef, res_shape = _block_residuals(layer_fn, sp, x_shape, mb0)
-    k_grad = max(sched.grad_slots, sched.in_flight)  # the last stage parks its head gradients
-    carry = dict(
-        # Uninitialised: a slot is read only after the forward of its microbatch wrote it.
-        res=[lax.empty((k_res,) + sp_width + r.shape, r.dtype) for r in res_shape],
-        act=jnp.zeros((k_act,) + x_shape.shape, x_shape.dtype),
-        grad=jnp.zeros((k_grad,) + x_shape.shape, x_shape.dtype),
-        g_sp=jax.tree.map(jnp.zeros_like, sp), g_sh=jax.tree.map(jnp.zeros_like, shared),
-        loss=jnp.zeros((), jnp.float32), aux=_tree_zeros(head_shape[0][1]))
-
-    def tick(c, row):
-      op_row, mb_row = row
-      op, i = op_row[stage], mb_row[stage]
-      mb = jax.tree.map(lambda a: a[i], mbatch)
-
-      # The blocks' loops run `count` iterations on a tick with their op and none otherwise,
-      # rather than sit under a cond: a cond would pass the residual buffers through and
-      # XLA copies them, every tick.
-      fwd, bwd = op == schedules.FWD, op == schedules.BWD
-      x = lax.cond(is_first & fwd, lambda: fns.first(shared, mb), lambda: c["act"][i % k_act])
-      y, c["res"] = _blocks_forward(layer_fn, sp, x, mb, jnp.where(fwd, count, 0), c["res"],
-                                    i % k_res)
-      y = jnp.where(fwd, y, 0)
-
-      # The last stage sends no activations and receives no gradients: its gradient slots
-      # hold its output until the microbatch's backward tick, which runs the head's forward
-      # and backward there (so no [mb, seq, vocab] logits are ever stored, and the head
-      # counts in the backward tick, as every stage's backward counts its blocks').
-      c["grad"] = c["grad"].at[i % k_grad].set(
-          jnp.where(is_last & fwd, y, c["grad"][i % k_grad]))
-
-      def head(c):
-        (loss, aux), (g_sh, dy) = head_vg(shared, c["grad"][i % k_grad], mb)
-        return ((dy * scale).astype(dy.dtype),
-                jax.tree.map(lambda a, g: a + g * scale, c["g_sh"], g_sh),
-                c["loss"] + loss * scale, jax.tree.map(jnp.add, c["aux"], aux))
-      dy, c["g_sh"], c["loss"], c["aux"] = lax.cond(
-          is_last & bwd, head,
-          lambda c: (c["grad"][i % k_grad], c["g_sh"], c["loss"], c["aux"]), c)
-
-      dx, c["g_sp"] = _blocks_backward(treedef, c["res"], i % k_res, jnp.where(bwd, count, 0),
-                                       dy, c["g_sp"])
-      dx = jnp.where(bwd, dx, 0)
-      c["g_sh"] = lax.cond(is_first & bwd,
-                           lambda: _embed_backward(fns, shared, mb, dx, c["g_sh"]),
-                           lambda: c["g_sh"])
-      # Lock-step neighbours: every stage sends every tick (zeros when it had nothing).
-      recv_y = lax.ppermute(y, paxis, fwd_pairs)
-      recv_dx = lax.ppermute(dx, paxis, bwd_pairs)
-      prev = jnp.maximum(stage - 1, 0)
-      nxt = jnp.minimum(stage + 1, nstages - 1)
-      got_y = (stage > 0) & (op_row[prev] == schedules.FWD)
-      got_dx = (stage < nstages - 1) & (op_row[nxt] == schedules.BWD)
-      ya, dxa = mb_row[prev] % k_act, mb_row[nxt] % k_grad
-      c["act"] = c["act"].at[ya].set(jnp.where(got_y, recv_y, c["act"][ya]))
-      c["grad"] = c["grad"].at[dxa].set(jnp.where(got_dx, recv_dx, c["grad"][dxa]))
-      return c, None
-
-    c, _ = lax.scan(tick, carry, (ops, mbs))
-    # One data-parallel reduction per step, then the shared params (used by the first and
-    # last stages) summed over stages.
-    g_sp, g_sh = lax.psum((c["g_sp"], c["g_sh"]), baxis)
-    g_sh = lax.psum(g_sh, paxis)
-    loss, aux = lax.psum((c["loss"], c["aux"]), (baxis, paxis))
-    return (loss, aux), (g_sp, g_sh)
-
-  def manual_body(*args):
+  def manual_loop(*args):
     with sharding.manual((baxis, paxis)):
-      return body(*args)
+      return loop(*args)
 
   batch_spec = jax.tree.map(lambda _: P(baxis), batch)
   # The stage-major block gradients leave the shard_map split over stages; GSPMD gathers
   # them into the replicated [L, ...] layout while keeping their tensor sharding (a manual
   # all_gather inside would first replicate them over 'tensor').
   (loss, aux), (g_slots, g_shared) = jax.shard_map(
-      manual_body, mesh=mesh, in_specs=(P(), P(), batch_spec, P()),
+      manual_loop, mesh=mesh, in_specs=(P(), P(), batch_spec, P()),
       out_specs=((P(), P()), (P(paxis), P())), axis_names={baxis, paxis},
       check_vma=False)(layers, shared, batch, scale)
   if layer_shardings is not None:
@@ -276,65 +332,41 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
   return (loss, aux), (g_layers, g_shared)
 
 
-def measure_stage_times(fns: StageFns, layers, shared, mb, partitions, remat: bool = False,
-                        repeats: int = 5, stat=np.median) -> list[dict[str, list[float]]]:
-  """Seconds of each stage's forward tick and backward tick for one microbatch, for each
-  partition in `partitions` (a list of stage_layers tuples): [{"fwd": [per stage],
-  "bwd": [per stage]}], each the `stat` of `repeats` runs (np.min suits a shared machine,
-  where noise only ever adds time).
+def stage_programs(fns: StageFns, shared, mb, stage_layers, remat: bool = False):
+  """One stage's forward tick and backward tick for one microbatch as programs on one
+  device, built from a pipeline tick's own code (for timing them: rec_llm/train/adaptive.py).
 
-  Runs a pipeline tick's own code on one device: the forward is the embedding (stage 0) and
-  the blocks; the backward is, on the last stage, the head's forward and backward, then the
-  blocks' backward from their stored residuals and the embedding's. Every (partition,
-  stage, op) is timed once per round, so a burst of load on the host hits all of them alike
-  and their comparison stays fair.
+  Returns (fwd, bwd): fwd(layers, shared, stage) -> (y, residuals) is the embedding
+  (stage 0) and the stage's blocks; bwd(layers, shared, stage, y, residuals) is, on the last
+  stage, the head's forward and backward, then the blocks' backward from the stored
+  residuals and the embedding's (stage 0).
   """
-  import time
   layer_fn = jax.checkpoint(fns.layer) if remat else fns.layer
-  head_vg = jax.value_and_grad(fns.last, argnums=(0, 1), has_aux=True)
+  head_vg = head_value_and_grad(fns)
   x0 = jax.eval_shape(fns.first, shared, mb)
   zeros_x = jnp.zeros(x0.shape, x0.dtype)
   head_shape = jax.eval_shape(head_vg, shared, zeros_x, mb)
+  counts, index, _ = stage_plan(tuple(stage_layers))
+  last = len(counts) - 1
 
-  def program(stage_layers):
-    counts, index, _ = stage_plan(tuple(stage_layers))
-    last = len(counts) - 1
+  def slots(layers, stage):
+    sp = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
+    return sp, jnp.asarray(counts)[stage], block_residuals(layer_fn, sp, x0, mb)
 
-    def slots(layers, stage):
-      sp = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
-      return sp, jnp.asarray(counts)[stage], _block_residuals(layer_fn, sp, x0, mb)
+  @jax.jit
+  def fwd(layers, shared, stage):
+    sp, count, (_, res_shape) = slots(layers, stage)
+    res = [lax.empty((1, index.shape[1]) + r.shape, r.dtype) for r in res_shape]
+    x = lax.cond(stage == 0, lambda: fns.first(shared, mb), lambda: zeros_x)
+    return blocks_forward(layer_fn, sp, x, mb, count, res, 0)
 
-    @jax.jit
-    def fwd(layers, shared, stage):
-      sp, count, (_, res_shape) = slots(layers, stage)
-      res = [lax.empty((1, index.shape[1]) + r.shape, r.dtype) for r in res_shape]
-      x = lax.cond(stage == 0, lambda: fns.first(shared, mb), lambda: zeros_x)
-      return _blocks_forward(layer_fn, sp, x, mb, count, res, 0)
-
-    @jax.jit
-    def bwd(layers, shared, stage, y, res):
-      sp, count, (treedef, _) = slots(layers, stage)
-      (_, _), (g_sh, dy) = lax.cond(stage == last, lambda: head_vg(shared, y, mb),
-                                    lambda: _tree_zeros(head_shape))
-      dy = jnp.where(stage == last, dy, 1.0)
-      dx, g_sp = _blocks_backward(treedef, res, 0, count, dy, jax.tree.map(jnp.zeros_like, sp))
-      return g_sp, lax.cond(stage == 0, lambda: _embed_backward(fns, shared, mb, dx, g_sh),
-                            lambda: g_sh)
-    return fwd, bwd, len(counts)
-
-  programs = [program(p) for p in partitions]
-  fwd_out, calls = {}, []
-  for i, (fwd, bwd, n) in enumerate(programs):
-    for s in range(n):
-      fwd_out[i, s] = jax.block_until_ready(fwd(layers, shared, s))  # compile / warm up
-      jax.block_until_ready(bwd(layers, shared, s, *fwd_out[i, s]))
-      calls += [((i, s, "fwd"), lambda f=fwd, s=s: f(layers, shared, s)),
-                ((i, s, "bwd"), lambda b=bwd, s=s, o=fwd_out[i, s]: b(layers, shared, s, *o))]
-  runs = {key: [] for key, _ in calls}
-  for _ in range(repeats):
-    for key, call in calls:
-      t = time.perf_counter()
-      jax.block_until_ready(call())
-      runs[key].append(time.perf_counter() - t)
-  return [{op: [float(stat(runs[i, s, op])) for s in range(n)] for op in ("fwd", "bwd")}
-          for i, (_, _, n) in enumerate(programs)]
+  @jax.jit
+  def bwd(layers, shared, stage, y, res):
+    sp, count, (treedef, _) = slots(layers, stage)
+    (_, _), (g_sh, dy) = lax.cond(stage == last, lambda: head_vg(shared, y, mb),
+                                  lambda: _tree_zeros(head_shape))
+    dy = jnp.where(stage == last, dy, 1.0)
+    dx, g_sp = blocks_backward(treedef, res, 0, count, dy, jax.tree.map(jnp.zeros_like, sp))
+    return g_sp, lax.cond(stage == 0, lambda: embed_backward(fns, shared, mb, dx, g_sh),
+                          lambda: g_sh)
+  return fwd, bwd

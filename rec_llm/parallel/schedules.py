@@ -18,6 +18,14 @@ IDLE, FWD, BWD = 0, 1, 2
 SCHEDULES = ("gpipe", "1f1b")
 
 
+def stage_sizes(num_layers: int, stages: int, stage_layers=()) -> tuple[int, ...]:
+  """Blocks per stage: `stage_layers` if given, else as even as possible (earlier stages +1)."""
+  if stage_layers:
+    return tuple(int(n) for n in stage_layers)
+  q, r = divmod(num_layers, stages)
+  return tuple(q + (s < r) for s in range(stages))
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   kind: str

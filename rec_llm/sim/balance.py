@@ -20,6 +20,7 @@ import dataclasses
 
 import numpy as np
 
+from rec_llm.models import arithmetic
 from rec_llm.sim import cost_model as cm
 from rec_llm.sim import partition as partition_lib
 from rec_llm.sim import simulator as sim
@@ -27,7 +28,7 @@ from rec_llm.sim import simulator as sim
 
 def state_bytes_per_layer(m: cm.ModelSpec, tensor: int = 1) -> float:
   """Bytes of one block's parameters and Adam moments (f32) on one device."""
-  return 12 * cm.block_params(m, tensor)
+  return 12 * arithmetic.block_params(m, tensor)
 
 
 def layer_costs(m: cm.ModelSpec, batch: sim.Batch, c, plan: sim.Plan) -> dict:

@@ -1,7 +1,8 @@
 """What one training step's pieces cost: FLOPs, bytes, seconds, memory, payloads.
 
-Mirrors the code in rec_llm/models and rec_llm/parallel (which this module does not import,
-so planning needs no JAX). Conventions:
+Mirrors the code in rec_llm/models and rec_llm/parallel; the parameter arithmetic
+(rec_llm/models/arithmetic.py) and the data-parallel payloads (rec_llm/parallel/payload.py)
+are theirs, imported without JAX (planning needs none). Conventions:
 - Per device: `n` tokens (rows x seq) of one microbatch, tensor split `t`.
 - Component times use a roofline, `flops / (peak * efficiency) + bytes / (bandwidth *
   mem_efficiency) + ops * call_overhead`, for datasheet clusters. A calibrated cluster
@@ -19,6 +20,7 @@ import math
 import numpy as np
 
 from rec_llm.errors import ConfigError
+from rec_llm.parallel import payload
 from rec_llm.sim import cluster as cluster_lib
 
 # Item counts of the MovieLens formats (for configs whose data section has no num_items):
@@ -49,17 +51,17 @@ class ModelSpec:
 
   @classmethod
   def from_config(cls, config, num_items: int | None = None) -> "ModelSpec":
-    """From a run config's `model` section; items from `num_items`, the config or the data name."""
-    m = config.model
+    """From a run config (its `model` and `data` sections, as experiments/configs/default.py
+    lays them out); items from `num_items`, else data.num_items for synthetic data, else the
+    MovieLens format's known count."""
+    m, data = config.model, config.data
     if num_items is None:
-      data = config.get("data", {})
-      num_items = m.get("num_items", None) or data.get("num_items", None) or \
-          KNOWN_ITEMS.get(data.get("name", ""))
+      num_items = data.num_items if data.name == "synthetic" else KNOWN_ITEMS.get(data.name)
     if not num_items:
       raise ConfigError("the config gives no item count (data.num_items); pass --num_items=N")
     spec = cls(num_layers=int(m.num_layers), d_model=int(m.d_model), num_heads=int(m.num_heads),
                mlp_dim=int(m.mlp_dim), max_len=int(m.max_len), num_items=int(num_items),
-               vocab_multiple=int(m.get("vocab_multiple", 128)), dtype=str(m.get("dtype", "float32")))
+               vocab_multiple=int(m.vocab_multiple), dtype=str(m.dtype))
     for k in ("num_layers", "d_model", "num_heads", "mlp_dim", "max_len"):
       if getattr(spec, k) <= 0:
         raise ConfigError(f"model.{k}={getattr(spec, k)} must be positive")
@@ -71,30 +73,6 @@ class ModelSpec:
     return {**dataclasses.asdict(self), "vocab_size": self.vocab_size}
 
 
-# ---- parameters and FLOPs (the same formulas as rec_llm/models/seq_transformer.py) ----
-
-def block_params(m: ModelSpec, t: int = 1) -> float:
-  """Parameters of one block on one device (heads and mlp split over t; norms replicated)."""
-  d, f, h = m.d_model, m.mlp_dim, m.d_model
-  return (4 * d * h + 2 * h + 2 * d * f + f) / t + 6 * d
-
-
-def shared_params(m: ModelSpec, t: int = 1) -> float:
-  """Item table (rows split over t), positions, final norm."""
-  return m.vocab_size * m.d_model / t + m.max_len * m.d_model + 2 * m.d_model
-
-
-def count_params(m: ModelSpec) -> dict:
-  d, f, h = m.d_model, m.mlp_dim, m.d_model
-  per_block = 4 * d * h + 2 * h + d + 2 * d * f + f + d + 4 * d
-  return {"embedding": m.vocab_size * d + m.max_len * d, "blocks": m.num_layers * per_block + 2 * d}
-
-
-def model_flops_per_token(m: ModelSpec, seq_len: int) -> float:
-  """seq_transformer.flops_per_token: the MFU numerator (items + 1 head rows, not the padding)."""
-  d = m.d_model
-  return (6.0 * m.num_layers * (4 * d * d + 2 * d * m.mlp_dim) + 6.0 * d * (m.num_items + 1)
-          + 12.0 * m.num_layers * seq_len * d)
 
 
 def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int) -> dict:
@@ -208,65 +186,21 @@ def head_transient_bytes(m: ModelSpec, t: int) -> float:
   return 3 * 4 * m.vocab_size / t
 
 
-# ---- data-parallel gradient payloads ----
+# ---- data-parallel compression ----
 
-def grad_leaves(m: ModelSpec, t: int, blocks: int, table_copies: int = 1) -> list[tuple[int, ...]]:
-  """Shapes of one device's gradient leaves: `blocks` blocks (2-D for matrices: in x out),
-  and the shared leaves. `table_copies`=2 for pipe=1, where GSPMD all-reduces the item
-  table's lookup and head gradients separately (measured in the HLO: 2 V d / t)."""
-  d, f, h = m.d_model, m.mlp_dim, m.d_model
-  per_block = [(d, h // t)] * 3 + [(h // t, d), (d, f // t), (f // t, d),
-                                   (h // t,), (h // t,), (d,), (f // t,), (d,)] + [(d,)] * 4
-  table = [(m.vocab_size // t, d)] * table_copies
-  return per_block * blocks + table + [(m.max_len, d), (d,), (d,)]
+# Element-wise passes over the gradient (f32) to encode + decode one payload: for top-k with
+# the selection (a partial sort: ~log2(1/ratio) passes, taken as 8); random-k adds the
+# residual, gathers k entries and zeroes them; PowerSGD adds the residual and forms the
+# approximation and the new residual (its matmuls are counted apart).
+_COMPRESS_PASSES = {"none": 0, "int8": 4, "sign": 4, "qsgd": 5, "topk": 10, "randomk": 3,
+                    "powersgd": 4}
 
 
-def dp_payload_bytes(leaves, kind: str, ratio: float = 0.01, bits: int = 4, rank: int = 4,
-                     chunk: int = 256) -> float:
-  """Bytes one device contributes to the data-parallel reduction, per compression kind.
-
-  THE payload formulas (swap for rec_llm.parallel.compression.payload_bytes when it lands):
-    'none'     dense float32: 4 bytes per element
-    'topk'     ratio * elements pairs of (bf16 value, uint16 index within a 64K chunk): 4 bytes
-    'int8'     1 byte per element + one f32 scale per `chunk` elements
-    'sign'     1 bit per element + one f32 scale per `chunk` elements
-    'qsgd'     `bits` bits per element + one f32 norm per `chunk` elements
-    'powersgd' rank * (rows + cols) f32 for each 2-D leaf (its P and Q); other leaves dense
-  """
-  total = 0.0
-  for shape in leaves:
-    numel = math.prod(shape)
-    scales = 4 * math.ceil(numel / chunk)
-    if kind == "none":
-      total += 4 * numel
-    elif kind == "topk":
-      total += 4 * max(1, math.ceil(ratio * numel))
-    elif kind == "int8":
-      total += numel + scales
-    elif kind == "sign":
-      total += math.ceil(numel / 8) + scales
-    elif kind == "qsgd":
-      total += math.ceil(numel * bits / 8) + scales
-    elif kind == "powersgd":
-      total += 4 * rank * (shape[0] + shape[1]) if len(shape) == 2 and min(shape) > rank \
-          else 4 * numel
-    else:
-      raise ConfigError(f"unknown compression {kind!r}; choose one of {list(COMPRESSIONS)}")
-  return total
-
-
-COMPRESSIONS = ("none", "topk", "int8", "sign", "qsgd", "powersgd")
-LOSSY = frozenset(COMPRESSIONS) - {"none"}
-# Element-wise passes over the gradient (f32) to encode + decode one payload, and for
-# top-k the selection (a partial sort: ~log2(1/ratio) passes, taken as 8).
-_COMPRESS_PASSES = {"none": 0, "int8": 4, "sign": 4, "qsgd": 5, "topk": 10, "powersgd": 4}
-
-
-def compression_time(c: cluster_lib.Cluster, leaves, kind: str, rank: int = 4) -> float:
-  """Seconds one device spends compressing and decompressing its gradient."""
-  numel = sum(math.prod(s) for s in leaves)
+def compression_time(c: cluster_lib.Cluster, shapes, kind: str, rank: int = 4) -> float:
+  """Seconds one device spends compressing and decompressing gradient leaves of `shapes`."""
+  numel = sum(math.prod(s) for s in shapes)
   t = elementwise_time(c, _COMPRESS_PASSES[kind] * 4 * numel)
   if kind == "powersgd":  # P = M Q, Q = M^T P: 2 matmuls of 2 * rows * cols * rank FLOPs
-    mat = sum(math.prod(s) for s in leaves if len(s) == 2 and min(s) > rank)
-    t += 4 * rank * mat / (c.peak_flops * c.efficiency)
+    lays = [payload.powersgd_layout(s, rank) for s in shapes]
+    t += sum(4 * a * b * r for a, b, r in filter(None, lays)) / (c.peak_flops * c.efficiency)
   return t

@@ -48,6 +48,18 @@ def time_call(fn, *args, repeats: int = 5, stat=np.median) -> float:
   return float(stat(runs))
 
 
+def time_interleaved(calls, repeats: int) -> dict:
+  """{key: [seconds of each round]} for `calls`, a list of (key, thunk) already warmed up:
+  every thunk once per round, so a slow spell of the machine hits all of them alike."""
+  runs = {key: [] for key, _ in calls}
+  for _ in range(repeats):
+    for key, call in calls:
+      t = time.perf_counter()
+      jax.block_until_ready(call())
+      runs[key].append(time.perf_counter() - t)
+  return runs
+
+
 def fit_alpha_beta(nbytes, seconds) -> tuple[float, float]:
   """Least-squares t = alpha + bytes / beta in relative error (each point weighted by 1/t,
   so the small sizes, which set alpha, count as much as the large ones); alpha clamped at

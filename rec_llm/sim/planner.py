@@ -8,7 +8,9 @@ Searched:
   replica's rows), the blocks placed by `partition.solve` (measured block, embedding and head
   costs, stage speeds on heterogeneous clusters);
 - with data > 1: the data-parallel reduction as (compression, aggregator) pairs;
-- remat only where the plan does not fit without it.
+- remat only where the plan (mesh, schedule, microbatches) does not fit without it.
+`search_mesh` does all of that for one mesh; `plan` runs it on every mesh and ranks, and
+experiments/simulated.py runs it on the named and explicit meshes of a sweep.
 Lossy compression and asynchronous modes change convergence, which throughput does not
 show: restrict `compressions` / `dp_modes` to compare like with like.
 """
@@ -19,6 +21,8 @@ import time
 import numpy as np
 
 from rec_llm.errors import ConfigError
+from rec_llm.parallel import payload
+from rec_llm.parallel import schedules as schedules_lib
 from rec_llm.sim import balance
 from rec_llm.sim import cost_model as cm
 from rec_llm.sim import partition as partition_lib
@@ -29,16 +33,32 @@ from rec_llm.sim.cluster import Cluster
 # several members on each of several nodes.
 DP_OPTIONS = (("none", "psum"), ("none", "hierarchical"), ("int8", "psum"),
               ("int8", "hierarchical"), ("topk", "sparse"), ("powersgd", "psum"))
+PAIRED_KINDS = tuple(dict.fromkeys(kind for kind, _ in DP_OPTIONS))  # the kinds DP_OPTIONS pairs
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  compressions: tuple = ("none", "int8", "topk", "powersgd")
+  compressions: tuple = PAIRED_KINDS
   dp_modes: tuple = ("sync",)
-  schedules: tuple = ("gpipe", "1f1b")
+  schedules: tuple = schedules_lib.SCHEDULES
   microbatch_factors: tuple = (1, 2, 4, 8)
+  microbatches: tuple = ()  # pipe > 1: these counts instead of microbatch_factors x pipe
   staleness: int = 1
   local_steps: int = 4
+
+
+@dataclasses.dataclass
+class MeshSearch:
+  """The plans simulated on one mesh: those that fit, in the order tried, and the smallest
+  that does not (what it would take to fit)."""
+  fitting: list = dataclasses.field(default_factory=list)
+  considered: int = 0
+  smallest: sim.Result | None = None
+
+  @property
+  def best(self) -> sim.Result | None:
+    """The fastest fitting plan; the first tried among equals."""
+    return max(self.fitting, key=lambda r: r.tokens_per_s, default=None)
 
 
 def _divisors(n: int) -> list[int]:
@@ -68,18 +88,88 @@ def balanced_stages(m: cm.ModelSpec, batch: sim.Batch, c: Cluster, base: sim.Pla
   return sizes
 
 
-def _dp_variants(base: sim.Plan, c: Cluster, opts: Options):
+def pipeline_shapes(shape: tuple, batch: sim.Batch, opts: Options) -> list[tuple[str, int]]:
+  """(schedule, microbatches) pairs to try on a data x tensor x pipe mesh: one microbatch
+  without a pipeline, else `opts.microbatches` or the factors x pipe dividing a replica's rows."""
+  d, _, p = shape
+  if p == 1:
+    return [("1f1b", 1)]
+  rows = batch.global_batch // d if batch.global_batch % d == 0 else 0
+  micro = list(opts.microbatches) or sorted(
+      {f * p for f in opts.microbatch_factors if rows and rows % (f * p) == 0})
+  return [(s, k) for s in opts.schedules for k in micro]
+
+
+def dp_variants(base: sim.Plan, c: Cluster, opts: Options, aggregator: str | None = None,
+                pair_all: bool = False):
+  """`base` with each data-parallel reduction tried: DP_OPTIONS' pairs of the kinds in
+  `opts.compressions` ('hierarchical' only on two levels), or every kind with `aggregator`;
+  `pair_all`: a kind DP_OPTIONS does not pair gets its default aggregator, else is skipped."""
   if base.data == 1:
     yield base
     return
   _, level, per_node = sim.axis_groups(c, base)["data"]
   two_level = level == "inter" and per_node > 1  # else hierarchical is the flat ring
-  for comp, agg in DP_OPTIONS:
-    if comp not in opts.compressions or (agg == "hierarchical" and not two_level):
-      continue
+  if aggregator:
+    pairs = [(kind, aggregator) for kind in opts.compressions]
+  else:
+    pairs = [(kind, agg) for kind, agg in DP_OPTIONS
+             if kind in opts.compressions and (agg != "hierarchical" or two_level)]
+  if pair_all:
+    paired = {kind for kind, _ in pairs}
+    pairs += [(kind, "sparse" if kind == "topk" else "psum") for kind in opts.compressions
+              if kind not in paired]
+  for kind, agg in pairs:
     for mode in opts.dp_modes:
-      yield dataclasses.replace(base, compression=comp, aggregator=agg, dp_mode=mode,
+      yield dataclasses.replace(base, compression=kind, aggregator=agg, dp_mode=mode,
                                 staleness=opts.staleness, local_steps=opts.local_steps)
+
+
+def search_mesh(m: cm.ModelSpec, batch: sim.Batch, c: Cluster, shape: tuple,
+                options: Options | None = None, *, bases: list | None = None,
+                aggregator: str | None = None, pair_all: bool = False) -> MeshSearch:
+  """Simulates the plans of one data x tensor x pipe mesh (`dp_variants` of each base).
+
+  bases: explicit pipeline settings (Plans on this mesh, simulated as given); None: every
+  `pipeline_shapes` pair with balanced stages, remat only where it does not fit without.
+  Raises ConfigError when the mesh cannot run the model (check_plan on the first base).
+  """
+  opts = options or Options()
+  if bases is None:
+    d, t, p = shape  # no count divides the rows: try pipe microbatches, check_plan says why
+    shapes = pipeline_shapes(shape, batch, opts) or [(s, p) for s in opts.schedules]
+    groups = [[sim.Plan(data=d, tensor=t, pipe=p, schedule=s, microbatches=k, remat=remat)
+               for remat in (False, True)] for s, k in shapes]
+  else:
+    groups = [[b] for b in bases]
+  sim.check_plan(m, batch, c, groups[0][0])
+  found = MeshSearch()
+  for group in groups:
+    for base in group:
+      if bases is None:
+        base = dataclasses.replace(base, stage_layers=balanced_stages(m, batch, c, base))
+      fits_any = False
+      for variant in dp_variants(base, c, opts, aggregator, pair_all):
+        r = sim.simulate(m, batch, c, variant)
+        found.considered += 1
+        fits_any |= r.fits
+        if r.fits:
+          found.fitting.append(r)
+        elif found.smallest is None or r.memory["total"] < found.smallest.memory["total"]:
+          found.smallest = r
+      if fits_any:
+        break  # remat only where this shape fits nowhere without it
+  return found
+
+
+def _check_options(opts: Options):
+  """ConfigError on a compression or DP mode the simulator does not know."""
+  for comp in opts.compressions:
+    if comp not in payload.KINDS:
+      raise ConfigError(f"unknown compression {comp!r}; choose from {list(payload.KINDS)}")
+  for mode in opts.dp_modes:
+    if mode not in payload.DP_MODES:
+      raise ConfigError(f"unknown DP mode {mode!r}; choose from {list(payload.DP_MODES)}")
 
 
 def plan(m: cm.ModelSpec, batch: sim.Batch, c: Cluster, top: int = 5,
@@ -87,39 +177,18 @@ def plan(m: cm.ModelSpec, batch: sim.Batch, c: Cluster, top: int = 5,
   """The `top` feasible plans, fastest first, and search statistics."""
   opts = options or Options()
   t0 = time.perf_counter()
-  for comp in opts.compressions:
-    if comp not in cm.COMPRESSIONS:
-      raise ConfigError(f"unknown compression {comp!r}; choose from {list(cm.COMPRESSIONS)}")
-  for mode in opts.dp_modes:
-    if mode not in sim.DP_MODES:
-      raise ConfigError(f"unknown DP mode {mode!r}; choose from {list(sim.DP_MODES)}")
-  results, considered, infeasible, min_mem = [], 0, 0, np.inf
-  for d, t, p in meshes(m, batch, c):
-    rows = batch.global_batch // d
-    if p == 1:
-      shapes = [("1f1b", 1)]
-    else:
-      micro = sorted({f * p for f in opts.microbatch_factors if rows % (f * p) == 0})
-      shapes = [(s, k) for s in opts.schedules for k in micro]
-    for schedule, k in shapes:
-      for remat in (False, True):
-        base = sim.Plan(data=d, tensor=t, pipe=p, schedule=schedule, microbatches=k, remat=remat)
-        base = dataclasses.replace(base, stage_layers=balanced_stages(m, batch, c, base))
-        fits_any = False
-        for variant in _dp_variants(base, c, opts):
-          considered += 1
-          r = sim.simulate(m, batch, c, variant)
-          if r.fits:
-            results.append(r)
-            fits_any = True
-          else:
-            infeasible += 1
-            min_mem = min(min_mem, r.memory["total"])
-        if fits_any:
-          break  # remat only where nothing fits without it
+  _check_options(opts)
+  results, considered, min_mem = [], 0, np.inf
+  for shape in meshes(m, batch, c):
+    if not pipeline_shapes(shape, batch, opts):
+      continue  # no microbatch count divides a replica's rows
+    found = search_mesh(m, batch, c, shape, opts)
+    results += found.fitting
+    considered += found.considered
+    if found.smallest is not None:
+      min_mem = min(min_mem, found.smallest.memory["total"])
   results.sort(key=lambda r: -r.tokens_per_s)
-  stats = {"considered": considered, "feasible": len(results), "infeasible": infeasible,
-           "meshes": len(meshes(m, batch, c)), "min_infeasible_memory_bytes": float(min_mem),
-           "seconds": time.perf_counter() - t0}
+  stats = {"considered": considered, "feasible": len(results),
+           "infeasible": considered - len(results), "meshes": len(meshes(m, batch, c)),
+           "min_infeasible_memory_bytes": float(min_mem), "seconds": time.perf_counter() - t0}
   return results[:top], stats
-

@@ -7,8 +7,9 @@ The step, as rec_llm/train and rec_llm/parallel run it:
    (two collective-permutes, sent every tick). Ticks are lock-step: a tick lasts as long
    as its slowest stage. The last stage runs the head forward + backward in its backward op.
 2. Gradients of the stages' blocks are gathered over `pipe` and the shared ones summed.
-3. The data-parallel reduction (compressed, by aggregator), overlapped with the backward
-   as far as the cluster and the DP mode allow.
+3. The data-parallel reduction of the gradient leaves as the engine holds them, priced by
+   rec_llm/parallel/payload.py (the bytes the compressors and aggregators send), overlapped
+   with the backward as far as the step, the cluster and the DP mode allow.
 4. The optimizer, on every device for all its (tensor-split) parameters: parameters stay in
    the canonical layout, replicated over `data` and `pipe`.
 
@@ -23,12 +24,11 @@ import math
 import numpy as np
 
 from rec_llm.errors import ConfigError
-from rec_llm.parallel import schedules
+from rec_llm.models import arithmetic
+from rec_llm.parallel import payload, schedules
 from rec_llm.sim import cost_model as cm
 from rec_llm.sim.cluster import Cluster, collective_time
 
-DP_MODES = ("sync", "stale", "local_sgd")
-AGGREGATORS = ("psum", "ring", "hierarchical", "sparse")
 TICK_OPS = 20  # dispatches per pipeline tick beyond the ops themselves (conds, slot updates)
 
 
@@ -40,6 +40,8 @@ class Batch:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+  """A mesh, its pipeline and its data-parallel reduction. The reduction's defaults mirror
+  the `dp` section of experiments/configs/default.py (which rec_llm cannot import)."""
   data: int = 1
   tensor: int = 1
   pipe: int = 1
@@ -47,9 +49,9 @@ class Plan:
   microbatches: int = 1
   stage_layers: tuple = ()        # blocks per stage; () = as even as possible
   remat: bool = False
-  compression: str = "none"       # cost_model.COMPRESSIONS
-  ratio: float = 0.01             # top-k density
-  bits: int = 4                   # QSGD bits
+  compression: str = "none"       # payload.KINDS
+  ratio: float = 0.01             # top-k / random-k density
+  bits: int = 8                   # QSGD bits
   rank: int = 4                   # PowerSGD rank
   dp_mode: str = "sync"           # 'sync' | 'stale' | 'local_sgd'
   staleness: int = 1              # 'stale': steps a reduction may lag
@@ -73,14 +75,6 @@ class Plan:
     return label
 
 
-def stage_sizes(num_layers: int, stages: int, stage_layers=()) -> tuple[int, ...]:
-  """rec_llm.parallel.pipeline.stage_sizes: given counts, else as even as possible."""
-  if stage_layers:
-    return tuple(int(n) for n in stage_layers)
-  q, r = divmod(num_layers, stages)
-  return tuple(q + (s < r) for s in range(stages))
-
-
 def check_plan(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan) -> tuple[int, ...]:
   """Raises ConfigError naming the first problem; returns the stage sizes."""
   d, t, p = plan.data, plan.tensor, plan.pipe
@@ -99,13 +93,12 @@ def check_plan(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan) -> tuple[i
     raise ConfigError("microbatches > 1 needs pipe > 1 (the trainer has no gradient accumulation)")
   if plan.schedule not in schedules.SCHEDULES:
     raise ConfigError(f"schedule {plan.schedule!r} is unknown; choose one of {list(schedules.SCHEDULES)}")
-  if plan.compression not in cm.COMPRESSIONS:
-    raise ConfigError(f"compression {plan.compression!r} is unknown; choose one of {list(cm.COMPRESSIONS)}")
-  if plan.dp_mode not in DP_MODES:
-    raise ConfigError(f"dp_mode {plan.dp_mode!r} is unknown; choose one of {list(DP_MODES)}")
-  if plan.aggregator not in AGGREGATORS:
-    raise ConfigError(f"aggregator {plan.aggregator!r} is unknown; choose one of {list(AGGREGATORS)}")
-  sizes = stage_sizes(m.num_layers, p, plan.stage_layers)
+  if plan.dp_mode not in payload.DP_MODES:
+    raise ConfigError(f"dp_mode {plan.dp_mode!r} is unknown; choose one of {list(payload.DP_MODES)}")
+  # the compressor and aggregator as rec_llm.parallel.compression.make checks them
+  payload.check(plan.compression, plan.aggregator, d, plan.ratio, plan.bits, plan.rank,
+                data_group(c, plan))
+  sizes = schedules.stage_sizes(m.num_layers, p, plan.stage_layers)
   if len(sizes) != p or sum(sizes) != m.num_layers or min(sizes) < 1:
     raise ConfigError(f"stage_layers={list(sizes)} must give {p} stages of >= 1 block summing "
                       f"to {m.num_layers}")
@@ -128,6 +121,12 @@ def axis_groups(c: Cluster, plan: Plan) -> dict:
       out[axis] = (n, "inter", max(1, dpn // stride))
     stride *= n
   return out
+
+
+def data_group(c: Cluster, plan: Plan) -> int:
+  """Data replicas per node: the 'hierarchical' aggregator's group (1: no two share one)."""
+  n, _, per_node = axis_groups(c, plan)["data"]
+  return per_node if n % per_node == 0 else 1
 
 
 def replica_stage_speeds(c: Cluster, plan: Plan) -> np.ndarray:
@@ -245,7 +244,8 @@ class Result:
   fits: bool
   breakdown: dict         # seconds by part (see simulate)
   bubble: float           # schedules.bubble_fraction with this plan's stage costs
-  dp_bytes: float         # payload bytes per device per data-parallel reduction
+  dp_bytes: float         # wire bytes each device sends per step for the data-parallel
+                          # reduction (payload.py; local SGD: one reduction / local_steps)
   stage_layers: tuple
   events: list = dataclasses.field(default_factory=list)
 
@@ -259,10 +259,16 @@ class Result:
             "bubble": self.bubble, "dp_bytes": self.dp_bytes, "breakdown": self.breakdown}
 
 
+def local_params(m: cm.ModelSpec, t: int) -> int:
+  """Parameters one device holds (and updates): every block and the shared leaves, split
+  over `tensor`, replicated over `data` and `pipe`."""
+  return m.num_layers * arithmetic.block_params(m, t) + arithmetic.shared_params(m, t)
+
+
 def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> dict:
   """Bytes per device (the most loaded stage; SPMD gives every stage the same buffers)."""
   t, p = plan.tensor, plan.pipe
-  params = m.num_layers * cm.block_params(m, t) + cm.shared_params(m, t)
+  params = local_params(m, t)
   width = max(sizes)
   rows = batch.global_batch // (plan.data * plan.microbatches)
   n = rows * batch.seq_len
@@ -274,13 +280,14 @@ def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> dict
   else:
     per_mb, transient = width * one_block, 0.0
   out = {"params": 4 * params,
-         "grads": 4 * params + (4 * width * cm.block_params(m, t) if p > 1 else 0.0),
+         "grads": 4 * params + (4 * width * arithmetic.block_params(m, t) if p > 1 else 0.0),
          "adam": 8 * params,
-         "error_feedback": 4 * params if plan.compression in cm.LOSSY and plan.data > 1 else 0.0}
+         "error_feedback": (4 * params if plan.compression in payload.ERROR_FEEDBACK
+                            and plan.data > 1 else 0.0)}
   if p > 1:
     sched = _schedule(plan.schedule, p, plan.microbatches)
     # residuals per in-flight microbatch: activations and the slots' weight copies
-    per_mb += width * cm.block_params(m, t) * 4
+    per_mb += width * arithmetic.block_params(m, t) * 4
     out["activations"] = sched.in_flight * per_mb + transient
     out["pipeline_buffers"] = (sched.act_slots + max(sched.grad_slots, sched.in_flight)) * \
         n * m.d_model * m.act_bytes
@@ -292,25 +299,91 @@ def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> dict
   return out
 
 
-def dp_time(c: Cluster, plan: Plan, payload: float, groups: dict) -> float:
-  """Seconds of one data-parallel reduction of `payload` bytes per device."""
-  n, level, per_node = groups["data"]
-  if n <= 1:
-    return 0.0
-  agg = plan.aggregator
-  parts = 2 if plan.compression == "powersgd" else 1  # P then Q: two reductions
-  b = payload / parts
-  if agg == "sparse":  # every device gathers every other's payload: (n - 1) * b received
-    t = collective_time(c, "all-gather", n * b, n, level)
-  elif agg == "ring":  # explicit ring of collective-permutes: 2(n-1) steps of b/n
-    t = 2 * (n - 1) * collective_time(c, "collective-permute", b / n, 2, level)
-  elif agg == "hierarchical" and level == "inter" and per_node > 1:
-    k, nodes = per_node, n // per_node
-    t = (2 * collective_time(c, "all-gather", b, k, "intra")   # reduce-scatter + all-gather
-         + collective_time(c, "all-reduce", b / k, nodes, "inter"))
-  else:
-    t = collective_time(c, "all-reduce", b, n, level)
-  return parts * t
+# ---- the data-parallel reduction ----
+
+def uses_dp_step(plan: Plan) -> bool:
+  """True where the trainer runs the explicit data-parallel step (rec_llm/train/dp_step.py:
+  compression, another aggregator or an asynchronous mode) instead of GSPMD's all-reduce."""
+  return plan.compression != "none" or plan.aggregator != "psum" or plan.dp_mode != "sync"
+
+
+def dp_reductions(m: cm.ModelSpec, plan: Plan, width: int, group: int) -> list:
+  """The means (payload.Reduction) of one data-parallel reduction, on the gradient leaves one
+  device holds, as the compiled HLO shows them (tests/test_sim_bytes.py):
+  - GSPMD's step, pipe = 1: every leaf all-reduced, the item table twice (its lookup's and
+    the head's gradients are reduced apart);
+  - pipe > 1: the stage's `width` stacked blocks and the shared leaves once (summed over the
+    stages first);
+  - the explicit step (pipe = 1): the summed tree, compressed once. With pipe > 1, which it
+    does not run, it is priced on the pipeline's leaves."""
+  if plan.data == 1:
+    return []
+  layers = width if plan.pipe > 1 else m.num_layers
+  shapes = list(arithmetic.param_shapes(m, plan.tensor, layers).values())
+  if not uses_dp_step(plan):
+    numel = sum(math.prod(s) for s in shapes)
+    if plan.pipe == 1:
+      numel += arithmetic.table_params(m, plan.tensor)
+    return [payload.Reduction("psum", numel)]
+  return payload.reductions(plan.compression, shapes, replicas=plan.data,
+                            aggregator=plan.aggregator, ratio=plan.ratio, bits=plan.bits,
+                            rank=plan.rank, group=group)
+
+
+def dp_time(c: Cluster, reductions: list, groups: dict, group: int) -> float:
+  """Seconds of one data-parallel reduction: its means one after another."""
+  n, level, _ = groups["data"]
+  t = 0.0
+  for r in reductions:
+    if r.aggregator == "psum":
+      t += collective_time(c, "all-reduce", 4 * r.numel, n, level)
+    elif r.aggregator == "sparse":  # every device gathers every other's pairs
+      t += collective_time(c, "all-gather", n * r.numel * r.pair_bytes, n, level)
+    else:  # rings of collective-permutes; hierarchical's first ring stays inside a node
+      rings = payload.ring_hops(r.aggregator, n, r.numel, group=group, codec=r.codec)
+      for i, (hops, nbytes, _) in enumerate(rings):
+        lvl = "intra" if r.aggregator == "hierarchical" and i == 0 else level
+        t += hops * collective_time(c, "collective-permute", nbytes, 2, lvl)
+  return t
+
+
+def _data_parallel(m: cm.ModelSpec, c: Cluster, plan: Plan, width: int,
+                   groups: dict) -> tuple[float, float, float]:
+  """(seconds of one reduction, one device's compression seconds, wire bytes per step)."""
+  if plan.data == 1:
+    return 0.0, 0.0, 0.0
+  group = data_group(c, plan)
+  reductions = dp_reductions(m, plan, width, group)
+  wire = sum(r.wire_bytes(plan.data, group) for r in reductions)
+  dp = dp_time(c, reductions, groups, group)
+  if groups["data"][1] == "inter":
+    # Each data-parallel collective across nodes is also a meeting of the processes
+    # (inter_sync_s, fitted): GSPMD reduces each block's gradients and the shared ones
+    # separately inside the backward (pipe = 1); the pipeline, its two sums once.
+    dp += c.inter_sync_s * ((m.num_layers + 2) if plan.pipe == 1 else 2)
+  comp_s = 0.0
+  if plan.compression != "none":
+    layers = width if plan.pipe > 1 else m.num_layers
+    shapes = arithmetic.param_shapes(m, plan.tensor, layers).values()
+    comp_s = cm.compression_time(c, shapes, plan.compression, plan.rank)
+    if plan.aggregator == "sparse":  # scatter-add the n - 1 gathered payloads
+      comp_s += cm.elementwise_time(c, 2 * wire)
+  every = plan.local_steps if plan.dp_mode == "local_sgd" else 1
+  return dp, comp_s, wire / every
+
+
+def _exposed_dp(c: Cluster, plan: Plan, dp: float, window: float, compute: float) -> float:
+  """What of one reduction (dp seconds) stays on the critical path. 'sync': GSPMD's step
+  (pipe = 1) reduces each layer's gradients inside the backward loop, so the blocks'
+  backward (`window`) hides it; the explicit step reduces after the backward and a
+  pipeline after its schedule: nothing to hide behind. 'stale': the next steps' compute
+  hides it. 'local_sgd': a blocking average of the parameters every H steps."""
+  if plan.dp_mode == "sync":
+    hidden = window if plan.pipe == 1 and not uses_dp_step(plan) else 0.0
+    return max(0.0, dp - c.overlap * hidden)
+  if plan.dp_mode == "stale":
+    return max(0.0, dp - c.overlap * compute)
+  return dp / plan.local_steps
 
 
 def straggler_factor(sigma: float, devices: int, averaged_steps: int = 1) -> float:
@@ -322,6 +395,27 @@ def straggler_factor(sigma: float, devices: int, averaged_steps: int = 1) -> flo
   return math.exp(sigma / math.sqrt(averaged_steps) * math.sqrt(2 * math.log(devices)))
 
 
+def _slowest_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, plan: Plan):
+  """(pipeline seconds, tick seconds, tick compute, per-op compute, stage speeds) of the
+  slowest data replica. Replicas with the same stage speeds take the same time: each kind
+  is simulated once."""
+  per_replica = []
+  for row in np.unique(replica_stage_speeds(c, plan), axis=0):
+    ticks, tick_comp, comp = _tick_times(sched, costs, row, c, plan.data * plan.tensor)
+    per_replica.append((float(ticks.sum()), ticks, tick_comp, comp, row))
+  return max(per_replica, key=lambda x: x[0])
+
+
+def _pipe_grads_time(m: cm.ModelSpec, c: Cluster, plan: Plan, width: int, groups: dict) -> float:
+  """Seconds to sum the shared gradients and gather the stages' block gradients over pipe."""
+  p, t = plan.pipe, plan.tensor
+  if p == 1:
+    return 0.0
+  lvl = groups["pipe"][1]
+  return (collective_time(c, "all-reduce", 4 * arithmetic.shared_params(m, t), p, lvl)
+          + collective_time(c, "all-gather", 4 * p * width * arithmetic.block_params(m, t), p, lvl))
+
+
 def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bool = False) -> Result:
   """Predicts one step of `plan`. Breakdown (seconds): pipeline (ticks, bubbles included),
   compute / tensor_comm / pipe_p2p (their shares of it), bubble_s, pipe_grads (gradient
@@ -329,51 +423,21 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   reduction), dp_exposed (what the mode and overlap leave on the critical path),
   compression, optimizer, straggler_s, overhead."""
   sizes = check_plan(m, batch, c, plan)
-  d_, t, p, mb = plan.data, plan.tensor, plan.pipe, plan.microbatches
+  p, width = plan.pipe, max(sizes)
   groups = axis_groups(c, plan)
   costs = stage_costs(m, batch, c, plan, sizes)
-  sched = _schedule(plan.schedule, p, mb)
-  speeds = replica_stage_speeds(c, plan)
-  # Replicas with the same stage speeds take the same time: simulate each kind once.
-  per_replica = []
-  for row in np.unique(speeds, axis=0):
-    ticks, tick_comp, comp = _tick_times(sched, costs, row, c, d_ * t)
-    per_replica.append((float(ticks.sum()), ticks, tick_comp, comp, row))
-  pipe_s, ticks, tick_comp, comp, row = max(per_replica, key=lambda x: x[0])
+  sched = _schedule(plan.schedule, p, plan.microbatches)
+  pipe_s, ticks, tick_comp, _, row = _slowest_replica(sched, costs, c, plan)
   ops = sched.op
   bubble = schedules.bubble_fraction(sched, costs.fwd / row, costs.bwd / row)
   tp_s = float(np.where(ops == schedules.FWD, costs.tp_fwd,
                         np.where(ops == schedules.BWD, costs.tp_bwd, 0.0)).max(axis=1).sum())
   compute_s = float(tick_comp.sum())
   p2p_s = costs.p2p * sched.ticks if p > 1 else 0.0
-
-  width = max(sizes)
-  pipe_grads = 0.0
-  if p > 1:
-    lvl = groups["pipe"][1]
-    pipe_grads = (collective_time(c, "all-reduce", 4 * cm.shared_params(m, t), p, lvl)
-                  + collective_time(c, "all-gather", 4 * p * width * cm.block_params(m, t), p, lvl))
-  leaves = cm.grad_leaves(m, t, width if p > 1 else m.num_layers, table_copies=1 if p > 1 else 2)
-  # As in rec_llm/parallel/compression.py: quantised payloads only travel encoded through the
-  # ring / hierarchical aggregators; with 'psum' they are decoded first and reduced as float32.
-  kind = "none" if (plan.compression in ("int8", "sign", "qsgd")
-                    and plan.aggregator == "psum") else plan.compression
-  payload = cm.dp_payload_bytes(leaves, kind, plan.ratio, plan.bits, plan.rank) \
-      if d_ > 1 else 0.0
-  dp = dp_time(c, plan, payload, groups)
-  if d_ > 1 and groups["data"][1] == "inter":
-    # Each data-parallel collective across nodes is also a meeting of the processes
-    # (inter_sync_s, fitted): GSPMD reduces each block's gradients and the shared ones
-    # separately inside the backward (pipe = 1); the pipeline, its two sums once.
-    dp += c.inter_sync_s * ((m.num_layers + 2) if p == 1 else 2)
+  pipe_grads = _pipe_grads_time(m, c, plan, width, groups)
+  dp, comp_s, dp_bytes = _data_parallel(m, c, plan, width, groups)
   n_dev = c.devices
-  local_params = m.num_layers * cm.block_params(m, t) + cm.shared_params(m, t)
-  opt = cm.optimizer_time(c, local_params)
-  comp_s = 0.0
-  if d_ > 1 and plan.compression != "none":
-    comp_s = cm.compression_time(c, leaves, plan.compression, plan.rank)
-    if plan.aggregator == "sparse":  # scatter-add the n - 1 gathered payloads
-      comp_s += cm.elementwise_time(c, 2 * (d_ - 1) * payload)
+  opt = cm.optimizer_time(c, local_params(m, plan.tensor))
   if c.shared_host:  # every device's optimizer and compression run on the same cores
     g = cm.host_speedup(c, n_dev)
     opt, comp_s = max(opt * n_dev / g, opt), max(comp_s * n_dev / g, comp_s)
@@ -384,25 +448,12 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   if p > 1:
     buffers_s = c.pipe_buffer_s_per_byte * mem["activations"] * (n_dev if c.shared_host else 1)
   compute_total = pipe_s + pipe_grads + buffers_s + opt + comp_s
-  if plan.dp_mode == "stale":
-    lag = plan.staleness + 1
-  elif plan.dp_mode == "local_sgd":
-    lag = plan.local_steps
-  else:
-    lag = 1
+  lag = {"stale": plan.staleness + 1, "local_sgd": plan.local_steps}.get(plan.dp_mode, 1)
   strag = straggler_factor(c.straggler_sigma, n_dev, lag)
   straggler_s = (strag - 1.0) * (compute_s + opt + comp_s)
-  # What hides the reduction: in 'sync', the backward it can overlap (pipe = 1: GSPMD
-  # reduces each layer's gradients inside the backward loop; pipe > 1: one reduction
-  # after the schedule, nothing to hide behind); in 'stale', the next steps' compute.
-  if plan.dp_mode == "sync":
-    # (the blocks' backward: the head's comes first, before any block gradient exists)
-    window = float((costs.bwd[0] - costs.head) / row[0]) if p == 1 else 0.0
-    dp_exposed = max(0.0, dp - c.overlap * window)
-  elif plan.dp_mode == "stale":
-    dp_exposed = max(0.0, dp - c.overlap * compute_total)
-  else:  # local SGD: a blocking average of the parameters every H steps
-    dp_exposed = dp / plan.local_steps
+  # the blocks' backward (the head's comes first, before any block gradient exists)
+  window = float((costs.bwd[0] - costs.head) / row[0])
+  dp_exposed = _exposed_dp(c, plan, dp, window, compute_total)
   step = compute_total + straggler_s + dp_exposed + c.step_overhead
   tokens = batch.global_batch * batch.seq_len
   breakdown = {"pipeline": pipe_s, "compute": compute_s, "tensor_comm": tp_s, "pipe_p2p": p2p_s,
@@ -411,9 +462,9 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
                "compression": comp_s,
                "optimizer": opt, "straggler_s": straggler_s, "overhead": c.step_overhead}
   res = Result(plan=plan, step_s=step, tokens_per_s=tokens / step,
-               mfu=cm.model_flops_per_token(m, batch.seq_len) * tokens / (c.total_peak_flops * step),
+               mfu=arithmetic.flops_per_token(m, batch.seq_len) * tokens / (c.total_peak_flops * step),
                memory=mem, fits=mem["total"] <= 0.9 * c.memory_bytes, breakdown=breakdown,
-               bubble=bubble if p > 1 else 0.0, dp_bytes=payload, stage_layers=tuple(sizes))
+               bubble=bubble if p > 1 else 0.0, dp_bytes=dp_bytes, stage_layers=tuple(sizes))
   if timeline:
     res.events = _timeline(sched, costs, row, ticks, tick_comp, c, breakdown, plan)
   return res

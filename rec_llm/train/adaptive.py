@@ -13,9 +13,10 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 from ml_collections import ConfigDict
 
-from rec_llm.parallel import pipeline
+from rec_llm.parallel import pipeline, schedules
 from rec_llm.sim import balance, measure, partition
 from rec_llm.train import config_check
 from rec_llm.train.step import stage_fns
@@ -35,11 +36,25 @@ def _one_device(run, state, batch):
 def measure_stage_times(run, state, batch, partitions, repeats: int = 5,
                         stat=np.min) -> list[dict[str, list[float]]]:
   """Each stage's forward-tick and backward-tick seconds for one microbatch under each
-  partition in `partitions`, timed interleaved (`stat` of `repeats` runs: the fastest by
-  default, as noise only ever adds time); see pipeline.measure_stage_times."""
+  partition in `partitions` (a list of stage_layers tuples): [{"fwd": [per stage], "bwd":
+  [per stage]}], each the `stat` of `repeats` runs (the fastest by default, as noise only
+  ever adds time). The programs are a pipeline tick's own code on one device
+  (pipeline.stage_programs). Every (partition, stage, op) is timed once per round, so a
+  burst of load on the host hits all of them alike and their comparison stays fair.
+  """
   fns, blocks, shared, mb, p = _one_device(run, state, batch)
-  return pipeline.measure_stage_times(fns, blocks, shared, mb, [tuple(x) for x in partitions],
-                                      remat=p["remat"], repeats=repeats, stat=stat)
+  calls, sizes = [], []
+  for i, part in enumerate(partitions):
+    fwd, bwd = pipeline.stage_programs(fns, shared, mb, tuple(part), remat=p["remat"])
+    sizes.append(len(part))
+    for s in range(len(part)):
+      out = jax.block_until_ready(fwd(blocks, shared, s))  # compile / warm up
+      jax.block_until_ready(bwd(blocks, shared, s, *out))
+      calls += [((i, s, "fwd"), lambda f=fwd, s=s: f(blocks, shared, s)),
+                ((i, s, "bwd"), lambda b=bwd, s=s, o=out: b(blocks, shared, s, *o))]
+  runs = measure.time_interleaved(calls, repeats)
+  return [{op: [float(stat(runs[i, s, op])) for s in range(n)] for op in ("fwd", "bwd")}
+          for i, n in enumerate(sizes)]
 
 
 def stage_seconds(ticks: dict) -> list[float]:
@@ -70,7 +85,7 @@ SEARCH_ROUNDS = 4
 
 
 def current_partition(config: ConfigDict, num_layers: int, stages: int) -> tuple[int, ...]:
-  return pipeline.stage_sizes(num_layers, stages,
+  return schedules.stage_sizes(num_layers, stages,
                               config_check.pipeline_config(config)["stage_layers"])
 
 
@@ -89,7 +104,7 @@ def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple
   t = time.perf_counter()
   cfg = run.config
   layers, stages = run.model_cfg.num_layers, run.mesh.shape["pipe"]
-  repeats = int(cfg.balance.get("repeats", 5))
+  repeats = int(cfg.balance.repeats)
   costs = measure_costs(run, state, batch, repeats)
   part = current_partition(cfg, layers, stages)
   block_costs = [costs["block_s"]] * layers
@@ -97,9 +112,9 @@ def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple
   p = config_check.pipeline_config(cfg)
   judge = dict(schedule=p["schedule"], microbatches=p["microbatches"],
                remaining_steps=remaining_steps, bytes_per_layer=0.0, bandwidth=1.0,
-               fixed_cost_s=float(cfg.balance.get("fixed_cost_s", -1)) if cfg.balance.get(
-                   "fixed_cost_s", -1) >= 0 else recompile_s,
-               min_gain=float(cfg.balance.get("min_gain", 0.05)))
+               fixed_cost_s=(float(cfg.balance.fixed_cost_s) if cfg.balance.fixed_cost_s >= 0
+                             else recompile_s),
+               min_gain=float(cfg.balance.min_gain))
   proposed, _ = partition.solve(block_costs, stages, costs["embed_s"], costs["head_s"])
   best, rounds = proposed, 0
   while True:  # local search from the model's proposal, on measured ticks
@@ -115,6 +130,34 @@ def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple
   reason.update(costs, model_proposed=list(proposed), model_stage_s=list(model_s),
                 search_rounds=rounds, measure_s=time.perf_counter() - t)
   return tuple(new), reason
+
+
+def rebalance(run, state, batch, done: int, compile_s: float, rebuild, step_fn, log):
+  """At step `done`: re-partitions the stages if measured costs say it pays (`decide`).
+
+  Returns (run, compiled step, its compile seconds): new ones after a re-partition (`rebuild`
+  makes the run of a config), else those given. Logs the decision, and after a
+  re-partition the stage times before and after, timed afresh (not the decision's
+  numbers, which picked the fastest of several)."""
+  cfg = run.config
+  new, reason = decide(run, state, batch, cfg.train.steps - done, compile_s)
+  rec = {"step": done, "balance": reason, "balance/rebalanced": int(reason["rebalance"])}
+  if reason["rebalance"]:
+    cfg = cfg.copy_and_resolve_references()
+    cfg.pipeline.stage_layers = new
+    t = time.perf_counter()
+    run = rebuild(cfg)
+    step_fn = run.compile(state)
+    compile_s = time.perf_counter() - t
+    before, after = measure_stage_times(run, state, batch, (reason["current"], new),
+                                        int(cfg.balance.repeats))
+    before, after = stage_seconds(before), stage_seconds(after)
+    rec.update({"balance/imbalance_before": imbalance(before),
+                "balance/imbalance_after": imbalance(after),
+                "balance/stage_s_before": before, "balance/stage_s_after": after})
+  logging.info("step %d balance: %s", done, reason["reason"])
+  log(rec)
+  return run, step_fn, compile_s
 
 
 def imbalance(stage_s) -> float:

@@ -1,5 +1,6 @@
 """Validate a run config up front, so bad input fails in one clear line, not deep in XLA."""
 
+import difflib
 import math
 import numbers
 
@@ -10,6 +11,7 @@ from rec_llm.errors import ConfigError
 from rec_llm.models.seq_transformer import ModelConfig
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import collectives, compression, schedules
+from rec_llm.parallel.payload import DP_MODES
 from rec_llm.train import dp_step, optimizer
 
 
@@ -72,6 +74,26 @@ def check_floats(config: ConfigDict) -> None:
       raise ConfigError(f"{path}={v!r} is not a finite number; set a finite value")
 
 
+# Sections every run config has (`eval` is optional: without it nothing is evaluated).
+SECTIONS = ("mesh", "model", "pipeline", "dp", "balance", "data", "train", "checkpoint")
+
+
+def check_fields(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> None:
+  """Every field of `schema` (experiments/configs/default.py: the one place a default is
+  written) is in `config` and no other: one ConfigError naming a missing or unknown key."""
+  for key in schema:
+    if key not in config:
+      raise ConfigError(f"the config lacks {prefix}{key}; start from experiments/configs/"
+                        f"default.py (which sets {prefix}{key}={schema[key]!r})")
+  for key in config:
+    if key not in schema:
+      near = difflib.get_close_matches(key, list(schema), n=1)
+      hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+      raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    if isinstance(schema[key], ConfigDict) and isinstance(config[key], ConfigDict):
+      check_fields(config[key], schema[key], f"{prefix}{key}.")
+
+
 def _positive(cfg: ConfigDict, section: str, *names: str) -> None:
   for n in names:
     v = cfg[section][n]
@@ -84,14 +106,13 @@ def model_config(config: ConfigDict, num_items: int) -> ModelConfig:
   return ModelConfig(
       num_items=num_items, num_layers=m.num_layers, d_model=m.d_model,
       num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len,
-      vocab_multiple=m.get("vocab_multiple", 128), dropout_rate=m.get("dropout_rate", 0.0),
-      dtype=m.get("dtype", "float32"), remat=m.get("remat", False),
-      temperature=float(m.get("temperature", 0.0)))
+      vocab_multiple=m.vocab_multiple, dropout_rate=m.dropout_rate, dtype=m.dtype,
+      remat=m.remat, temperature=float(m.temperature))
 
 
 def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """Checks everything that needs no data; returns the resolved (data, tensor, pipe) shape."""
-  for section in ("mesh", "model", "data", "train"):
+  for section in SECTIONS:
     if section not in config:
       raise ConfigError(f"config has no '{section}' section; start from experiments/configs/default.py")
   shape = mesh_lib.resolve_mesh_shape(dict(config.mesh), num_devices)
@@ -113,71 +134,65 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
   if config.train.batch_size % data:
     raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by "
                       f"mesh.data={data}; each data replica needs the same number of rows")
-  if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
+  if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
   check_pipeline(config, data, pipe)
   check_dp(config, data, pipe)
-  bal = config.get("balance")
-  if bal is not None and bal.get("adaptive") and pipe > 1:
-    if bal.get("every_steps", 0) < 1:
+  bal = config.balance
+  if bal.adaptive and pipe > 1:
+    if bal.every_steps < 1:
       raise ConfigError(f"balance.every_steps={bal.every_steps} must be >= 1 with balance.adaptive")
     if m.num_layers < 3:
       raise ConfigError(f"balance.adaptive measures block costs on 3 stages and needs "
                         f"model.num_layers >= 3, got {m.num_layers}")
-  warmup = config.train.get("warmup_steps", 0)
+  warmup = config.train.warmup_steps
   if not 0 <= warmup <= config.train.steps:
     raise ConfigError(f"train.warmup_steps={warmup} must be between 0 and train.steps={config.train.steps}")
-  nonfinite = config.train.get("nonfinite", "skip")
+  nonfinite = config.train.nonfinite
   if nonfinite not in ("skip", "stop"):
     raise ConfigError(f"train.nonfinite={nonfinite!r}; choose 'skip' (drop the update) or 'stop'")
   ev = config.get("eval")
   if ev is not None:
-    if ev.get("batch_size", data) % data:
+    if ev.batch_size % data:
       raise ConfigError(f"eval.batch_size={ev.batch_size} is not divisible by mesh.data={data}")
-    if any(k <= 0 for k in ev.get("ks", (10,))):
+    if any(k <= 0 for k in ev.ks):
       raise ConfigError(f"eval.ks={list(ev.ks)} must be positive cutoffs")
-  ck = config.get("checkpoint")
-  if ck is not None and ck.get("every_steps", 0) < 0:
-    raise ConfigError(f"checkpoint.every_steps={ck.every_steps} must be >= 0 (0: only at the end)")
+  if config.checkpoint.every_steps < 0:
+    raise ConfigError(f"checkpoint.every_steps={config.checkpoint.every_steps} must be >= 0 "
+                      "(0: only at the end)")
   return shape
 
 
 def pipeline_config(config: ConfigDict) -> dict:
-  """The pipeline section with defaults (configs from before it existed have none)."""
-  p = dict(schedule="1f1b", microbatches=1, stage_layers=(), remat=False)
-  p.update(dict(config.get("pipeline", {})))
+  """The pipeline section as a dict, stage_layers as a tuple."""
+  p = dict(config.pipeline)
   p["stage_layers"] = tuple(p["stage_layers"] or ())
   return p
 
 
-DP_MODES = ("sync", "stale", "local_sgd")
-
-
 def check_dp(config: ConfigDict, data: int, pipe: int) -> None:
   """The `dp` section: compression, aggregator and mode (rec_llm/train/dp_step.py)."""
-  opt = config.train.get("optimizer", "adamw")
+  opt = config.train.optimizer
   if opt not in optimizer.OPTIMIZERS:
     raise ConfigError(f"train.optimizer={opt!r} is unknown; choose one of {list(optimizer.OPTIMIZERS)}")
-  dp = config.get("dp")
-  if dp is None:
-    return
-  c = dp.get("compression", ConfigDict())
-  kind, agg, mode = c.get("kind", "none"), dp.get("aggregator", "psum"), dp.get("mode", "sync")
+  dp = config.dp
+  c = dp.compression
+  kind, agg, mode = c.kind, dp.aggregator, dp.mode
   if kind not in compression.KINDS:
     raise ConfigError(f"dp.compression.kind={kind!r} is unknown; choose one of {list(compression.KINDS)}")
   if agg not in collectives.AGGREGATORS:
     raise ConfigError(f"dp.aggregator={agg!r} is unknown; choose one of {list(collectives.AGGREGATORS)}")
   if mode not in DP_MODES:
     raise ConfigError(f"dp.mode={mode!r} is unknown; choose one of {list(DP_MODES)}")
-  if c.get("rank", 4) <= 0:
+  if c.rank <= 0:
     raise ConfigError(f"dp.compression.rank={c.rank} must be a positive integer (PowerSGD rank)")
-  if not 2 <= c.get("bits", 8) <= 8:
+  if not 2 <= c.bits <= 8:
     raise ConfigError(f"dp.compression.bits={c.bits} must be between 2 and 8")
-  if dp.get("staleness", 0) < 0:
+  if dp.staleness < 0:
     raise ConfigError(f"dp.staleness={dp.staleness} must be >= 0 (0 is synchronous)")
-  if dp.get("local_steps", 1) < 1:
+  if dp.local_steps < 1:
     raise ConfigError(f"dp.local_steps={dp.local_steps} must be >= 1 (1 syncs every step)")
-  group = dp.get("group", 0)
+  group = dp.group
   if agg == "hierarchical" and (group < 1 or data % group):
     raise ConfigError(f"dp.group={group} must divide mesh.data={data} for the hierarchical "
                       "aggregator (devices per node)")
@@ -221,7 +236,7 @@ def check_pipeline(config: ConfigDict, data: int, pipe: int) -> None:
     raise ConfigError(f"pipeline.microbatches={mbs} does not divide the {per_replica} rows per "
                       f"data replica (train.batch_size={config.train.batch_size} / mesh.data="
                       f"{data}); pick a divisor of {per_replica}")
-  if config.model.get("dropout_rate", 0.0) > 0:
+  if config.model.dropout_rate > 0:
     raise ConfigError(f"model.dropout_rate={config.model.dropout_rate} with mesh.pipe={pipe}: "
                       "the pipeline does not support dropout yet; set model.dropout_rate=0")
 

@@ -43,25 +43,22 @@ DATA = "data"
 
 def uses_dp_step(config: ConfigDict) -> bool:
   """True when the `dp` section asks for more than GSPMD's synchronous all-reduce."""
-  dp = config.get("dp")
-  if dp is None:
-    return False
-  return (dp.get("mode", "sync") != "sync" or dp.compression.get("kind", "none") != "none"
-          or dp.get("aggregator", "psum") != "psum")
+  dp = config.dp
+  return dp.mode != "sync" or dp.compression.kind != "none" or dp.aggregator != "psum"
 
 
 def make_compressor(dp: ConfigDict, replicas: int, seed: int) -> optax.GradientTransformation:
   c = dp.compression
   return compression.make(c.kind, axis=DATA, replicas=replicas, aggregator=dp.aggregator,
                           ratio=float(c.ratio), bits=int(c.bits), rank=int(c.rank),
-                          group=int(dp.get("group", 0)), momentum=float(c.get("momentum", 0.0)),
+                          group=int(dp.group), momentum=float(c.momentum),
                           seed=seed)
 
 
 def outer_optimizer(dp: ConfigDict) -> optax.GradientTransformation:
   """DiLoCo's outer step: SGD with Nesterov momentum on the averaged (global - local) delta."""
-  momentum = float(dp.get("outer_momentum", 0.9))
-  return optax.sgd(float(dp.get("outer_lr", 0.7)), momentum=momentum or None,
+  momentum = float(dp.outer_momentum)
+  return optax.sgd(float(dp.outer_lr), momentum=momentum or None,
                    nesterov=momentum > 0)
 
 
@@ -85,11 +82,11 @@ class DPStep:
     self.param_shardings, self.opt_shardings = param_shardings, opt_shardings
     dp = config.dp
     self.mode = dp.mode
-    self.tau = int(dp.get("staleness", 0)) if self.mode == "stale" else 0
-    self.local_steps = int(dp.get("local_steps", 1))
+    self.tau = int(dp.staleness) if self.mode == "stale" else 0
+    self.local_steps = int(dp.local_steps)
     self.replicas = mesh.shape[DATA]
     self.seed = int(config.train.seed)
-    self.dropout = config.model.get("dropout_rate", 0.0) > 0
+    self.dropout = config.model.dropout_rate > 0
     self.comp = make_compressor(dp, self.replicas, self.seed)
     self.faults = faults
     self.outer_tx = outer_optimizer(dp) if self.mode == "local_sgd" else None

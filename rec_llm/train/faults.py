@@ -48,6 +48,6 @@ class Faults:
 
 
 def from_config(train_cfg: ConfigDict) -> Faults | None:
-  spec = train_cfg.get("inject_nonfinite") or {}
-  faults = Faults(**{k: tuple(int(s) for s in spec.get(k, ())) for k in KINDS})
+  spec = train_cfg.inject_nonfinite
+  faults = Faults(**{k: tuple(int(s) for s in spec[k]) for k in KINDS})
   return faults if any(getattr(faults, k) for k in KINDS) else None

@@ -15,24 +15,23 @@ def _decay_mask(params):
 
 
 def schedule(train_cfg: ConfigDict) -> optax.Schedule:
-  warmup = int(train_cfg.get("warmup_steps", 0))
+  warmup = int(train_cfg.warmup_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0 if warmup else train_cfg.learning_rate, peak_value=train_cfg.learning_rate,
       warmup_steps=warmup, decay_steps=max(train_cfg.steps, warmup + 1),
-      end_value=train_cfg.learning_rate * train_cfg.get("end_lr_fraction", 0.0))
+      end_value=train_cfg.learning_rate * train_cfg.end_lr_fraction)
 
 
 OPTIMIZERS = ("adamw", "sgd")
 
 
 def make(train_cfg: ConfigDict) -> optax.GradientTransformation:
-  """train.optimizer: 'adamw' (default) or 'sgd' (heavy-ball train.momentum, 0: plain, as the
+  """train.optimizer: 'adamw' or 'sgd' (heavy-ball train.momentum, 0: plain, as the
   exactness checks use); clipping by global norm train.grad_clip first (0: off)."""
-  clip = float(train_cfg.get("grad_clip", 1.0))
-  name = train_cfg.get("optimizer", "adamw")
-  if name == "sgd":
-    opt = optax.sgd(schedule(train_cfg), momentum=float(train_cfg.get("momentum", 0.0)) or None)
+  clip = float(train_cfg.grad_clip)
+  if train_cfg.optimizer == "sgd":
+    opt = optax.sgd(schedule(train_cfg), momentum=float(train_cfg.momentum) or None)
   else:
-    opt = optax.adamw(schedule(train_cfg), b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.98),
-                      weight_decay=train_cfg.get("weight_decay", 0.0), mask=_decay_mask)
+    opt = optax.adamw(schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                      weight_decay=train_cfg.weight_decay, mask=_decay_mask)
   return optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt

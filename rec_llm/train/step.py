@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from rec_llm.models import seq_transformer
 from rec_llm.models.seq_transformer import ModelConfig
-from rec_llm.parallel import pipeline, sharding, vocab_parallel
+from rec_llm.parallel import pipeline, schedules, sharding, vocab_parallel
 from rec_llm.train import guard
 from rec_llm.train.faults import Faults
 
@@ -73,8 +73,8 @@ def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: 
   """
   cfg = model_cfg
   fns = stage_fns(cfg, num_valid)
-  sizes = pipeline.stage_sizes(cfg.num_layers, mesh.shape[sharding.mesh_axis("stage")],
-                               tuple(pipe_cfg.get("stage_layers", ())))
+  sizes = schedules.stage_sizes(cfg.num_layers, mesh.shape[sharding.mesh_axis("stage")],
+                               tuple(pipe_cfg["stage_layers"]))
 
   def value_and_grad(params, batch, model, num_valid_, dropout_rng=None):
     del model, num_valid_
@@ -86,7 +86,7 @@ def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: 
     (loss, aux), (g_blocks, g_shared) = pipeline.value_and_grad(
         fns, params["blocks"], shared, batch, scale, mesh=mesh,
         schedule=pipe_cfg["schedule"], microbatches=int(pipe_cfg["microbatches"]),
-        stage_layers=sizes, remat=bool(pipe_cfg.get("remat", False)),
+        stage_layers=sizes, remat=bool(pipe_cfg["remat"]),
         layer_shardings=None if param_shardings is None else param_shardings["blocks"])
     count = jnp.maximum(targets, 1)
     grads = {**g_shared, "blocks": g_blocks}

@@ -170,13 +170,125 @@ class _Preemption:
 
 
 def make_evaluator(run: Run) -> Evaluator | None:
+  """The held-out ranking evaluator, or None for a config without an `eval` section."""
   ev = run.config.get("eval")
   if ev is None:
     return None
-  return Evaluator(run.model, run.mesh, run.source, run.model_cfg.max_len,
-                   int(ev.get("batch_size", 256)), ks=tuple(ev.get("ks", (10, 50, 200))),
-                   num_negatives=int(ev.get("num_negatives", 0)), seed=int(run.config.train.seed),
-                   filter_seen=bool(ev.get("filter_seen", False)))
+  return Evaluator(run.model, run.mesh, run.source, run.model_cfg.max_len, int(ev.batch_size),
+                   ks=tuple(ev.ks), num_negatives=int(ev.num_negatives),
+                   seed=int(run.config.train.seed), filter_seen=bool(ev.filter_seen))
+
+
+def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer | None, config_record: dict):
+  """(state, seconds the run had already trained): the newest usable checkpoint's, or a
+  fresh initialisation."""
+  try:
+    restored = ckpt.restore_latest(run.abstract_state, config_record) if ckpt else None
+  except Exception:
+    ckpt.close()  # orbax's background threads must stop before the process exits
+    raise
+  if restored is None:
+    return run.init_fn(), 0.0
+  state, meta = restored
+  step = int(to_host(state.step))
+  if int(meta["data_position"]) != step:
+    raise TrainingError(f"checkpoint {step} is inconsistent: state step {step} vs data "
+                        f"position {meta['data_position']}")
+  logging.info("resumed from %s at step %d", ckpt.directory, int(meta["step"]))
+  return state, float(meta["elapsed_s"])
+
+
+class Meter:
+  """Throughput over the window since the last log: positions, model FLOPs, MFU, ETA."""
+
+  def __init__(self, run: Run, start: int):
+    tc, mc = run.config.train, run.model_cfg
+    # Positions and model FLOPs of a step, by batch width (length buckets change both).
+    self.tokens_of = {w: tc.batch_size * w for w in run.batches.widths}
+    self.flops_of = {w: flops_per_token(mc, w) * self.tokens_of[w] for w in run.batches.widths}
+    self.peak, src = throughput.total_peak_flops(list(run.mesh.devices.flat),
+                                                 float(tc.peak_tflops))
+    logging.info("peak %.3g FLOP/s (%s); %.3g model FLOPs per full-width step", self.peak, src,
+                 self.flops_of[max(self.flops_of)])
+    self.t0 = self.t_last = time.perf_counter()
+    self.start = self.last_logged = start
+    self.tokens = self.flops = 0
+
+  def add(self, width: int) -> None:
+    self.tokens += self.tokens_of[width]
+    self.flops += self.flops_of[width]
+
+  def reset(self, done: int | None = None) -> None:
+    """A new window (after a log, or after time spent outside training steps)."""
+    self.t_last, self.tokens, self.flops = time.perf_counter(), 0, 0
+    if done is not None:
+      self.last_logged = done
+
+  def record(self, done: int, total: int) -> dict:
+    now = time.perf_counter()
+    window = now - self.t_last
+    rec = {"step_time_s": window / (done - self.last_logged), "tokens_per_s": self.tokens / window,
+           "mfu": self.flops / window / self.peak,
+           "eta_s": (now - self.t0) / (done - self.start) * (total - done)}
+    self.reset(done)
+    return rec
+
+
+class NonFiniteSteps:
+  """Reports steps the guard skipped (TrainState.skipped) once each; under
+  train.nonfinite='stop' the first one ends the run."""
+
+  def __init__(self, skipped: int, stop: bool):
+    self.seen, self.stop = skipped, stop  # those before a resume were reported then
+
+  def check(self, done: int, skipped: int) -> None:
+    if skipped <= self.seen:
+      return
+    msg = (f"{skipped - self.seen} step(s) up to step {done} had a non-finite loss, gradient "
+           "or update; their updates were dropped")
+    if self.stop:
+      raise TrainingError(msg + " and the run stops (train.nonfinite='stop'); the latest "
+                          "checkpoint holds only finite values")
+    logging.warning("%s (train.nonfinite='skip')", msg)
+    self.seen = skipped
+
+
+class Log:
+  """Records to history, metrics.jsonl and TensorBoard, stamped with the run's seconds."""
+
+  def __init__(self, workdir: str | None, elapsed, steps_per_epoch: int):
+    self.writer, self.history = MetricWriter(workdir), []
+    self.elapsed, self.spe = elapsed, steps_per_epoch
+
+  def __call__(self, rec: dict) -> None:
+    rec = {**rec, "time_s": self.elapsed()}
+    if self.spe:
+      rec["epoch"] = rec["step"] / self.spe
+    self.history.append(rec)
+    self.writer.write(rec)
+
+
+def evaluate(evaluator: Evaluator, params, done: int, splits, log: Log) -> None:
+  for split in splits:
+    t = time.perf_counter()
+    m = evaluator.evaluate(params, split)
+    prefix = "eval" if split == "val" else "test"
+    logging.info("step %d %s: %s (%.1fs)", done, split,
+                 " ".join(f"{k} {v:.4f}" for k, v in m.items()), time.perf_counter() - t)
+    log({"step": done, **{f"{prefix}/{k}": v for k, v in m.items()}})
+
+
+def _log_step(done: int, total: int, metrics, meter: Meter, nonfinite: NonFiniteSteps,
+              log: Log) -> None:
+  m = to_host(metrics)  # the only host sync: at log steps
+  nonfinite.check(done, int(m["skipped"]))
+  rec = {"step": done, "loss": float(m["loss"]), "hr@10": float(m["hr@10"]),
+         "grad_norm": float(m["grad_norm"]), "skipped": int(m["skipped"]),
+         **meter.record(done, total)}
+  logging.info("step %d/%d | loss %.4f | hr@10 %.3f | %.3fs/step | %s tok/s | MFU %.2f%% | "
+               "ETA %ds", done, total, rec["loss"], rec["hr@10"], rec["step_time_s"],
+               f"{rec['tokens_per_s']:,.0f}", 100 * rec["mfu"], rec.pop("eta_s"))
+  log(rec)
 
 
 def train(config: ConfigDict, workdir: str | None = None,
@@ -189,158 +301,65 @@ def train(config: ConfigDict, workdir: str | None = None,
   if workdir:
     check_workdir(workdir)
   run = build(config, devices, init=False)
-  mc, tc = run.model_cfg, config.train
-  ck_cfg = config.get("checkpoint", ConfigDict({"every_steps": 0, "max_to_keep": 3}))
-  ckpt = checkpoint.Checkpointer(workdir, int(ck_cfg.get("max_to_keep", 3))) if workdir else None
+  tc = config.train
+  ckpt = (checkpoint.Checkpointer(workdir, int(config.checkpoint.max_to_keep))
+          if workdir else None)
   config_record = json.loads(config.to_json_best_effort())
-  elapsed0 = 0.0
-  try:
-    restored = ckpt.restore_latest(run.abstract_state, config_record) if ckpt else None
-  except Exception:
-    ckpt.close()  # orbax's background threads must stop before the process exits
-    raise
-  if restored is not None:
-    state, meta = restored
-    restored_step = int(to_host(state.step))
-    if int(meta["data_position"]) != restored_step:
-      raise TrainingError(f"checkpoint {restored_step} is inconsistent: state step "
-                          f"{restored_step} vs data position {meta['data_position']}")
-    elapsed0 = float(meta.get("elapsed_s", 0.0))
-    logging.info("resumed from %s at step %d", ckpt.directory, int(meta["step"]))
-  else:
-    state = run.init_fn()
+  state, elapsed0 = restore_or_init(run, ckpt, config_record)
   start = int(to_host(state.step))
   t0 = time.perf_counter()
   step_fn = run.compile(state)
   compile_s = time.perf_counter() - t0
   logging.info("mesh %s | data %s (%d items) | params: %s | compiled in %.1fs",
-               mesh_lib.describe(run.mesh), run.source.name, mc.num_items,
-               {k: f"{v:,}" for k, v in count_params(mc).items()}, compile_s)
-  peak, peak_src = throughput.total_peak_flops(list(run.mesh.devices.flat),
-                                               float(tc.get("peak_tflops", 0.0)))
-  # Positions and model FLOPs of a step, by batch width (length buckets change both).
-  tokens_of = {w: tc.batch_size * w for w in run.batches.widths}
-  flops_of = {w: flops_per_token(mc, w) * tokens_of[w] for w in run.batches.widths}
-  logging.info("peak %.3g FLOP/s (%s); %.3g model FLOPs per full-width step", peak, peak_src,
-               flops_of[max(flops_of)])
-  evaluator = make_evaluator(run)
-  eval_every = int(config.get("eval", {}).get("every_steps", 0)) if evaluator else 0
-  ck_every = int(ck_cfg.get("every_steps", 0))
-  stop_on_nonfinite = tc.get("nonfinite", "skip") == "stop"
-  bal = config.get("balance")
-  balance_every = (int(bal.get("every_steps", 0)) if bal is not None and bal.get("adaptive")
-                   and run.mesh.shape["pipe"] > 1 else 0)
-  spe = run.source.steps_per_epoch
-
-  writer, history = MetricWriter(workdir), []
+               mesh_lib.describe(run.mesh), run.source.name, run.model_cfg.num_items,
+               {k: f"{v:,}" for k, v in count_params(run.model_cfg).items()}, compile_s)
   elapsed = lambda: elapsed0 + time.perf_counter() - t_begin
-
-  def log(rec):
-    rec = {**rec, "time_s": elapsed()}
-    if spe:
-      rec["epoch"] = rec["step"] / spe
-    history.append(rec)
-    writer.write(rec)
-
-  def evaluate(done, splits):
-    for split in splits:
-      t = time.perf_counter()
-      m = evaluator.evaluate(state.params, split)
-      prefix = "eval" if split == "val" else "test"
-      logging.info("step %d %s: %s (%.1fs)", done, split,
-                   " ".join(f"{k} {v:.4f}" for k, v in m.items()), time.perf_counter() - t)
-      log({"step": done, **{f"{prefix}/{k}": v for k, v in m.items()}})
-
-  skipped_seen = int(to_host(state.skipped))  # those before a resume were reported then
-
-  def check_finite(done, skipped):
-    nonlocal skipped_seen
-    if skipped > skipped_seen:
-      msg = (f"{skipped - skipped_seen} step(s) up to step {done} had a non-finite loss, "
-             f"gradient or update; their updates were dropped")
-      if stop_on_nonfinite:
-        raise TrainingError(msg + " and the run stops (train.nonfinite='stop'); the latest "
-                            "checkpoint holds only finite values")
-      logging.warning("%s (train.nonfinite='skip')", msg)
-      skipped_seen = skipped
-
-  def rebalance(done, batch):
-    """Re-partitions the stages if measured costs say it pays; returns the new step."""
-    nonlocal run, compile_s
-    new, reason = adaptive.decide(run, state, batch, tc.steps - done, compile_s)
-    rec = {"step": done, "balance": reason, "balance/rebalanced": int(reason["rebalance"])}
-    if reason["rebalance"]:
-      cfg = run.config.copy_and_resolve_references()
-      cfg.pipeline.stage_layers = new
-      t = time.perf_counter()
-      run = build(cfg, devices, init=False)
-      compiled = run.compile(state)
-      compile_s = time.perf_counter() - t
-      repeats = int(cfg.balance.get("repeats", 5))
-      # Timed afresh (not the decision's numbers, which picked the fastest of several).
-      before, after = adaptive.measure_stage_times(run, state, batch, (reason["current"], new),
-                                                   repeats)
-      before, after = adaptive.stage_seconds(before), adaptive.stage_seconds(after)
-      rec.update({"balance/imbalance_before": adaptive.imbalance(before),
-                  "balance/imbalance_after": adaptive.imbalance(after),
-                  "balance/stage_s_before": before, "balance/stage_s_after": after})
-    logging.info("step %d balance: %s", done, reason["reason"])
-    log(rec)
-    return compiled if reason["rebalance"] else None
+  meter, log = Meter(run, start), Log(workdir, elapsed, run.source.steps_per_epoch)
+  evaluator = make_evaluator(run)
+  eval_every = int(config.eval.every_steps) if evaluator else 0
+  ck_every = int(config.checkpoint.every_steps) if ckpt else 0
+  balance_every = (int(config.balance.every_steps) if config.balance.adaptive
+                   and run.mesh.shape["pipe"] > 1 else 0)
+  nonfinite = NonFiniteSteps(int(to_host(state.skipped)), tc.nonfinite == "stop")
 
   def save(done):
-    check_finite(done, int(to_host(state.skipped)))  # refuse to save after a bad step
+    nonfinite.check(done, int(to_host(state.skipped)))  # refuse to save after a bad step
     ckpt.save(done, state, {"step": done, "data_position": done, "elapsed_s": elapsed(),
                             "mesh": mesh_lib.describe(run.mesh), "config": config_record})
 
   preempt = _Preemption()
-  last_logged, t_last = start, time.perf_counter()
-  win_tokens = win_flops = 0
   try:
     for step, batch in loader.prefetch(run.batches, start, tc.steps):
       state, metrics = step_fn(state, batch)
       done = step + 1
-      width = batch["inputs"].shape[1]
-      win_tokens, win_flops = win_tokens + tokens_of[width], win_flops + flops_of[width]
+      meter.add(batch["inputs"].shape[1])
       if done == start + 1 or done % tc.log_every == 0 or done == tc.steps:
-        m = to_host(metrics)  # the only host sync: at log steps
-        now = time.perf_counter()
-        window = now - t_last
-        step_time = window / (done - last_logged)
-        check_finite(done, int(m["skipped"]))
-        rec = {"step": done, "loss": float(m["loss"]), "hr@10": float(m["hr@10"]),
-               "grad_norm": float(m["grad_norm"]), "skipped": int(m["skipped"]),
-               "step_time_s": step_time,
-               "tokens_per_s": win_tokens / window, "mfu": win_flops / window / peak}
-        eta = (now - t0) / (done - start) * (tc.steps - done)
-        logging.info("step %d/%d | loss %.4f | hr@10 %.3f | %.3fs/step | %s tok/s | MFU %.2f%% | ETA %ds",
-                     done, tc.steps, rec["loss"], rec["hr@10"], step_time,
-                     f"{rec['tokens_per_s']:,.0f}", 100 * rec["mfu"], eta)
-        log(rec)
-        last_logged, t_last, win_tokens, win_flops = done, time.perf_counter(), 0, 0
+        _log_step(done, tc.steps, metrics, meter, nonfinite, log)
       if balance_every and done % balance_every == 0 and done != tc.steps:
-        step_fn = rebalance(done, batch) or step_fn
-        t_last, win_tokens, win_flops = time.perf_counter(), 0, 0
-      if evaluator and eval_every and done % eval_every == 0 and done != tc.steps:
-        evaluate(done, ["val"])
-        t_last, win_tokens, win_flops = time.perf_counter(), 0, 0
-      if ckpt and ck_every and done % ck_every == 0:
+        run, step_fn, compile_s = adaptive.rebalance(
+            run, state, batch, done, compile_s, lambda cfg: build(cfg, devices, init=False),
+            step_fn, log)
+        meter.reset()
+      if eval_every and done % eval_every == 0 and done != tc.steps:
+        evaluate(evaluator, state.params, done, ["val"], log)
+        meter.reset()
+      if ck_every and done % ck_every == 0:
         save(done)
       if preempt.agreed():
         if ckpt and ckpt.latest_step() != done:
           save(done)
         logging.warning("SIGTERM: saved step %d and stopped; run the same command to resume", done)
-        return history
+        return log.history
     done = int(to_host(state.step))
     if evaluator:
-      evaluate(done, ["val", "test"])
+      evaluate(evaluator, state.params, done, ["val", "test"], log)
     if ckpt and ckpt.latest_step() != done:
       save(done)
   finally:
     preempt.restore()
     if ckpt:
       ckpt.close()
-    writer.close()
+    log.writer.close()
   run.state = state
   logging.info("finished %d steps in %.1fs", tc.steps, elapsed())
-  return history
+  return log.history
