@@ -26,6 +26,7 @@ from absl import app, flags
 BENCHMARKS = {
     "step_time": ("benchmarks.step_time", [], False),
     "pipeline": ("benchmarks.pipeline", [], False),
+    "memory": ("benchmarks.memory", [], False),
     "compression": ("benchmarks.compression", [], False),
     "sim_calibration": ("benchmarks.sim_calibration",
                         ["--calibration_out={out_dir}/this_machine_calibration.json"], False),

@@ -38,6 +38,7 @@ COMBOS = [(kind, agg, "sync") for kind in payload.KINDS for agg in payload.AGGRE
 
 def _config(kind, aggregator, mode):
   c = tiny_config(data=DATA, tensor=TENSOR)
+  c.model.num_layers = 1  # one block has every kind of leaf; fewer ops to compile
   c.train.update(optimizer="sgd", momentum=0.0, grad_clip=0.0)
   c.dp.update(aggregator=aggregator, group=GROUP, mode=mode, staleness=int(mode == "stale"))
   c.dp.compression.kind = kind

@@ -28,8 +28,9 @@ def get_config(arg=None):
   # 'stale' (staleness tau) | 'local_sgd' (local_steps H, DiLoCo outer Nesterov step);
   # aggregator: 'psum' | 'ring' | 'hierarchical' (group = devices per node) | 'sparse';
   # compression.kind: 'none' | 'topk' | 'randomk' | 'qsgd' | 'int8' | 'sign' | 'powersgd'.
+  # zero: state sharded over data: 0 none, 1 optimizer state (ZeRO-1), 3 parameters too (FSDP).
   c.dp = ml_collections.ConfigDict(dict(
-      mode="sync", staleness=0, local_steps=1, outer_lr=0.7, outer_momentum=0.9,
+      zero=0, mode="sync", staleness=0, local_steps=1, outer_lr=0.7, outer_momentum=0.9,
       aggregator="psum", group=0,
       compression=ml_collections.ConfigDict(dict(kind="none", ratio=0.01, bits=8, rank=4,
                                                  momentum=0.0))))

@@ -15,6 +15,9 @@ import math
 # Logical axes split over 'tensor' (rec_llm/parallel/sharding.py LOGICAL_RULES; everything
 # else is replicated over it): the heads, the MLP's hidden units and the item table's rows.
 TENSOR_SPLIT = ("heads", "mlp", "vocab")
+# The logical axis that ZeRO / FSDP (dp.zero) splits state along over 'data'
+# (sharding.STATE_SPLIT): every matrix, table and norm has it; some biases do not.
+ZERO_SPLIT = "embed"
 TABLE = "item_embedding"
 
 
@@ -42,21 +45,21 @@ def param_axes(m) -> dict[str, tuple[tuple[int, str], ...]]:
   return out
 
 
-def param_shapes(m, tensor: int = 1, layers: int | None = None) -> dict[str, tuple[int, ...]]:
+def param_shapes(m, tensor: int = 1, layers: int | None = None,
+                 data: int = 1) -> dict[str, tuple[int, ...]]:
   """Parameter path -> shape on one device when the TENSOR_SPLIT dims are split over
-  `tensor` devices (1: the whole parameter); `layers`: the stacked block count (e.g. one
-  pipeline stage's; default all)."""
+  `tensor` devices (1: the whole parameter) and the ZERO_SPLIT dim over `data` (ZeRO-sharded
+  state; 1: none); `layers`: the stacked block count (e.g. one pipeline stage's; default all)."""
   out = {}
   for path, dims in param_axes(m).items():
     shape = []
     for size, axis in dims:
       if axis == "layers" and layers is not None:
         size = layers
-      if axis in TENSOR_SPLIT:
-        if size % tensor:
-          raise ValueError(f"tensor={tensor} does not divide the {size} {axis!r} of {path}")
-        size //= tensor
-      shape.append(size)
+      n = (tensor if axis in TENSOR_SPLIT else 1) * (data if axis == ZERO_SPLIT else 1)
+      if size % n:
+        raise ValueError(f"{n} devices do not divide the {size} {axis!r} of {path}")
+      shape.append(size // n)
     out[path] = tuple(shape)
   return out
 

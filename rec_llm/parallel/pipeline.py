@@ -32,8 +32,9 @@ Design (why):
   ops' loops run zero iterations on ticks that are not theirs (under a cond, XLA would copy
   the residual buffers every tick).
   Every tick ends with two ppermutes (activations forward, gradients backward).
-- The embedding runs only on stage 0 and the head only on the last stage (`lax.cond` on the
-  stage index). The last stage keeps its output in its (otherwise unused) gradient slots
+- The embedding runs only on stage 0 and the head only on the last stage (`control.run_if`
+  on the stage index: they hold tensor-parallel collectives, which a `lax.cond` would leave
+  unordered with the tick's others on XLA:CPU). The last stage keeps its output in its (otherwise unused) gradient slots
   and runs the head's forward and backward in the microbatch's backward tick, so its
   [mb, seq, vocab/tensor] logits are never stored, and a stage's forward tick is its
   blocks' forwards, its backward tick their backwards (plus the head on the last): what
@@ -52,7 +53,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rec_llm.parallel import schedules, sharding
+from rec_llm.parallel import control, schedules, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +190,8 @@ def _forward_op(st: Stage, c: Carry, fwd, i, mb) -> tuple[jax.Array, Carry]:
   """This tick's forward (zero blocks when it is not one): (output, carry). The last stage
   sends nothing: it parks its output in its gradient slot until the microbatch's backward."""
   is_first, is_last = st.stage == 0, st.stage == st.nstages - 1
-  x = lax.cond(is_first & fwd, lambda: st.fns.first(st.shared, mb),
-               lambda: c.act[i % st.sched.act_slots])
+  x = control.run_if(is_first & fwd, lambda _: st.fns.first(st.shared, mb),
+                     c.act[i % st.sched.act_slots])
   y, res = blocks_forward(st.layer_fn, st.sp, x, mb, jnp.where(fwd, st.count, 0), c.res,
                           i % st.sched.in_flight)
   y = jnp.where(fwd, y, 0)
@@ -209,7 +210,8 @@ def _head_op(st: Stage, c: Carry, bwd, i, mb) -> tuple[jax.Array, Carry]:
     return ((dy * st.scale).astype(dy.dtype),
             c._replace(g_sh=jax.tree.map(lambda a, g: a + g * st.scale, c.g_sh, g_sh),
                        loss=c.loss + loss * st.scale, aux=jax.tree.map(jnp.add, c.aux, aux)))
-  return lax.cond((st.stage == st.nstages - 1) & bwd, head, lambda c: (c.grad[g], c), c)
+  return control.run_if((st.stage == st.nstages - 1) & bwd, lambda gc: head(gc[1]),
+                        (c.grad[g], c))
 
 
 def _backward_op(st: Stage, c: Carry, bwd, i, mb, dy) -> tuple[jax.Array, Carry]:
@@ -217,8 +219,8 @@ def _backward_op(st: Stage, c: Carry, bwd, i, mb, dy) -> tuple[jax.Array, Carry]
   dx, g_sp = blocks_backward(st.treedef, c.res, i % st.sched.in_flight,
                              jnp.where(bwd, st.count, 0), dy, c.g_sp)
   dx = jnp.where(bwd, dx, 0)
-  g_sh = lax.cond((st.stage == 0) & bwd,
-                  lambda: embed_backward(st.fns, st.shared, mb, dx, c.g_sh), lambda: c.g_sh)
+  g_sh = control.run_if((st.stage == 0) & bwd,
+                        lambda g: embed_backward(st.fns, st.shared, mb, dx, g), c.g_sh)
   return dx, c._replace(g_sp=g_sp, g_sh=g_sh)
 
 

@@ -24,6 +24,22 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+# ZeRO / FSDP (dp.zero): state is additionally split over 'data' along the parameters'
+# 'embed' dimension (every matrix, the tables and the norms have one; a few small biases do
+# not and stay replicated). Only state uses these rules: activations keep 'batch -> data'.
+# rec_llm/models/arithmetic.py's ZERO_SPLIT counts the same split (tests/test_zero.py).
+ZERO_STAGES = (0, 1, 3)   # 0: replicated; 1: optimizer state; 3: parameters too (FSDP)
+STATE_SPLIT = ("embed", "data")
+
+
+def state_rules(zero: bool) -> tuple[tuple[str, str | None], ...]:
+  """The logical rules for train state: LOGICAL_RULES, with STATE_SPLIT when `zero`."""
+  if not zero:
+    return LOGICAL_RULES
+  name, axis = STATE_SPLIT
+  return tuple((n, axis if n == name else a) for n, a in LOGICAL_RULES)
+
+
 def mesh_axis(logical: str) -> str | None:
   """The mesh axis a logical name is sharded over (None: replicated)."""
   for name, axis in LOGICAL_RULES:
@@ -53,10 +69,11 @@ def named(mesh: Mesh, logical: tuple[str | None, ...]) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(logical))
 
 
-def tree_shardings(abstract_boxed_tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for a tree of (possibly) logically-partitioned abstract values."""
+def tree_shardings(abstract_boxed_tree: Any, mesh: Mesh, zero: bool = False) -> Any:
+  """NamedShardings for a tree of (possibly) logically-partitioned abstract values; with
+  `zero`, also split over 'data' along STATE_SPLIT's logical axis."""
   specs = nn.get_partition_spec(abstract_boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+  return nn.logical_to_mesh_sharding(specs, mesh, state_rules(zero))
 
 
 @contextlib.contextmanager

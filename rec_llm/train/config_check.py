@@ -10,7 +10,7 @@ from rec_llm.data import sources
 from rec_llm.errors import ConfigError
 from rec_llm.models.seq_transformer import ModelConfig
 from rec_llm.parallel import mesh as mesh_lib
-from rec_llm.parallel import collectives, compression, schedules
+from rec_llm.parallel import collectives, compression, schedules, sharding
 from rec_llm.parallel.payload import DP_MODES
 from rec_llm.train import dp_step, optimizer
 
@@ -199,9 +199,31 @@ def check_dp(config: ConfigDict, data: int, pipe: int) -> None:
   if dp_step.uses_dp_step(config) and pipe > 1:
     raise ConfigError("the dp section (compression, aggregator, stale/local_sgd) needs "
                       f"mesh.pipe=1, got {pipe}; pipelined runs use the synchronous psum")
+  check_zero(config, data, pipe)
   if kind == "topk" and agg not in ("sparse", "psum"):
     raise ConfigError(f"dp.compression.kind='topk' sends (index, value) pairs; use "
                       f"dp.aggregator='sparse' (or 'psum' for a dense comparison), not {agg!r}")
+
+
+def check_zero(config: ConfigDict, data: int, pipe: int) -> None:
+  """dp.zero: which layouts shard state over 'data' (rec_llm/parallel/sharding.py)."""
+  zero, d = config.dp.zero, config.model.d_model
+  if zero not in sharding.ZERO_STAGES:
+    raise ConfigError(f"dp.zero={zero!r} is unknown; choose one of {list(sharding.ZERO_STAGES)} "
+                      "(0: replicated, 1: optimizer state over data, 3: parameters too)")
+  if not zero:
+    return
+  if d % data:
+    raise ConfigError(f"dp.zero={zero} splits state over data along model.d_model={d}, which "
+                      f"mesh.data={data} does not divide; pick a d_model divisible by it")
+  if dp_step.uses_dp_step(config):
+    raise ConfigError(f"dp.zero={zero} runs with the GSPMD step only (dp.mode='sync', "
+                      "dp.aggregator='psum', no compression) for now; set dp.zero=0 to use "
+                      "the explicit data-parallel step")
+  if zero == 3 and pipe > 1:
+    raise ConfigError(f"dp.zero=3 with mesh.pipe={pipe}: the pipeline gathers parameters once "
+                      "per step, not per block, so FSDP would save nothing there; use dp.zero=1 "
+                      "(optimizer state) with a pipeline")
 
 
 def check_pipeline(config: ConfigDict, data: int, pipe: int) -> None:

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from rec_llm.numerics import all_finite
-from rec_llm.parallel import compression, sharding
+from rec_llm.parallel import compression, control, sharding
 from rec_llm.train import guard
 from rec_llm.train.faults import Faults
 from rec_llm.train.step import TrainState, loss_fn
@@ -220,8 +220,8 @@ class DPStep:
       return local, comp_state, params, opt_state
 
     sync = (state.step + 1) % self.local_steps == 0
-    local, comp, params, opt_state = lax.cond(
-        sync, outer, lambda a: a, (local, dp["comp"], state.params, state.opt_state))
+    local, comp, params, opt_state = control.run_if(
+        sync, outer, (local, dp["comp"], state.params, state.opt_state))
     new_dp = {**dp, "local_params": local, "local_opt": local_opt, "comp": comp}
     ok = ok & all_finite(params, opt_state, comp)  # the outer step's results
     new_state = state.replace(

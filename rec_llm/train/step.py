@@ -97,18 +97,22 @@ def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, num_valid: int,
                     seed: int, dropout: bool, faults: Faults | None = None,
-                    value_and_grad=None):
+                    value_and_grad=None, grad_shardings=None):
   """(state, batch) -> (state, metrics), for GSPMD data + tensor parallelism and for the
   pipeline alike. The update is `guard.update`: a step whose loss, gradients or new state
   are not finite leaves the state untouched and counts in `state.skipped`. `faults` is
   test-only fault injection (rec_llm/train/faults.py). `value_and_grad` replaces
-  `jax.value_and_grad(loss_fn, has_aux=True)` (the pipeline's)."""
+  `jax.value_and_grad(loss_fn, has_aux=True)` (the pipeline's). `grad_shardings` (ZeRO):
+  the gradients' layout, split over 'data' like the optimizer state, so that the data
+  reduction is a reduce-scatter and each device updates only its shard."""
   base_rng = jax.random.PRNGKey(seed)
   value_and_grad = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step) if dropout else None
     (loss, aux), grads = value_and_grad(state.params, batch, model, num_valid, rng)
+    if grad_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     step_tx = tx
     if faults is not None:
       loss, grads = faults.gradients_at(state.step, loss, grads)

@@ -70,6 +70,16 @@ class CompiledStep:
     return self.executables[width](state, batch)
 
 
+def zero_shardings(abstract_state, mesh: Mesh, zero: int):
+  """The train state's shardings: the optimizer state split over 'data' from ZeRO stage 1,
+  the parameters too at stage 3 (sharding.STATE_SPLIT); the rest as the logical rules say."""
+  plain = sharding.tree_shardings(abstract_state, mesh)
+  if not zero:
+    return plain
+  split = sharding.tree_shardings(abstract_state, mesh, zero=True)
+  return plain.replace(opt_state=split.opt_state, params=split.params if zero == 3 else plain.params)
+
+
 def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: bool = True) -> Run:
   devices = list(jax.devices() if devices is None else devices)
   shape = config_check.check(config, len(devices))
@@ -87,7 +97,7 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   # With local SGD the state's optimizer is the outer one; the inner one lives per replica.
   boxed = functools.partial(init_state, model,
                             dp_step.outer_optimizer(config.dp) if local_sgd else tx, mc.max_len)
-  state_shardings = sharding.tree_shardings(jax.eval_shape(boxed, rng), mesh)
+  state_shardings = zero_shardings(jax.eval_shape(boxed, rng), mesh, int(config.dp.zero))
   make_state = lambda: nn.meta.unbox(boxed(rng))
   batches = loader.BatchMaker(source, int(tc.batch_size), mesh)
   if use_dp:
@@ -109,8 +119,12 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
           param_shardings=state_shardings.params)
     else:
       value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    zero = int(config.dp.zero)
+    grad_shardings = (sharding.tree_shardings(jax.eval_shape(boxed, rng), mesh, zero=True).params
+                      if zero else None)
     step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
-                              faults=faults, value_and_grad=value_and_grad)
+                              faults=faults, value_and_grad=value_and_grad,
+                              grad_shardings=grad_shardings)
   # Created directly sharded: no host or device ever holds the whole model.
   init_fn = jax.jit(make_state, out_shardings=state_shardings)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

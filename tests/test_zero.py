@@ -1,0 +1,100 @@
+"""dp.zero: state sharded over 'data' (ZeRO-1: optimizer state; ZeRO-3/FSDP: parameters too)
+computes what one device computes, and each device holds 1/data of the sharded state, as the
+compiled program's own memory analysis shows.
+
+Tolerance `LAYOUT_RTOL` (tests/helpers.py): sharding state changes only where the update is
+computed and the order of the gradients' float32 sums.
+"""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from rec_llm.errors import ConfigError
+from rec_llm.models import arithmetic
+from rec_llm.parallel import sharding
+from rec_llm.train import config_check, trainer
+from tests import numerics
+from tests.helpers import LAYOUT_RTOL, step_losses, tiny_config
+
+STEPS = 3
+CASES = [(1, (8, 1, 1)), (3, (8, 1, 1)), (1, (4, 2, 1)), (3, (4, 2, 1)), (1, (2, 2, 2))]
+
+
+def _config(zero, mesh):
+  c = tiny_config(data=mesh[0], tensor=mesh[1], pipe=mesh[2])
+  c.dp.zero = zero
+  return c
+
+
+def _device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of arrays (device 0's shards)."""
+  return sum(_leaf_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def _leaf_bytes(x) -> int:
+  return sum(s.data.nbytes for s in x.addressable_shards if s.device == jax.devices()[0])
+
+
+@pytest.fixture(scope="module")
+def reference():
+  return step_losses(trainer.build(_config(0, (1, 1, 1)), jax.devices()[:1]), STEPS)[0]
+
+
+@pytest.mark.parametrize("zero,mesh", CASES, ids=[f"zero{z}-{'x'.join(map(str, m))}" for z, m in CASES])
+def test_zero_matches_single_device(reference, zero, mesh):
+  losses, _ = step_losses(trainer.build(_config(zero, mesh)), STEPS)
+  numerics.check_close("losses", losses, reference, LAYOUT_RTOL * np.abs(reference))
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (4, 2, 1)])
+def test_each_device_holds_its_share(mesh):
+  runs = {z: trainer.build(_config(z, mesh)) for z in (0, 1, 3)}
+  data = mesh[0]
+  for z, part in ((1, "opt_state"), (3, "opt_state"), (3, "params")):
+    plain = jax.tree.leaves(getattr(runs[0].state, part))
+    split = jax.tree.leaves(getattr(runs[z].state, part))
+    ratios = [_leaf_bytes(a) / _leaf_bytes(b) for a, b in zip(plain, split)]
+    assert set(ratios) <= {1.0, float(data)}, (z, part, set(ratios))
+    # What stays whole: the leaves without an 'embed' axis (biases, the step count).
+    whole = [a for a, r in zip(plain, ratios) if r == 1.0]
+    assert sum(_leaf_bytes(a) for a in whole) < 0.05 * _device_bytes(plain), (z, part)
+  assert _device_bytes(runs[1].state.params) == _device_bytes(runs[0].state.params)
+  # The simulator's arithmetic counts the same per-device parameters.
+  mc = runs[0].model_cfg
+  for z, data_split in ((0, 1), (3, data)):
+    shapes = arithmetic.param_shapes(mc, tensor=mesh[1], data=data_split)
+    assert 4 * sum(math.prod(s) for s in shapes.values()) == _device_bytes(runs[z].state.params)
+  # The compiled step's arguments are exactly the state and batch each device holds.
+  for z, run in runs.items():
+    batch = run.batches(0)
+    compiled = run.compile().executables[batch["inputs"].shape[1]]
+    args = compiled.memory_analysis().argument_size_in_bytes
+    assert args == _device_bytes(run.state) + _device_bytes(batch), (z, args)
+
+
+BAD = [
+    (dict(zero=2), (4, 2, 1), "dp.zero=2 is unknown"),
+    (dict(zero=1, d_model=60, num_heads=6), (8, 1, 1), "does not divide"),
+    (dict(zero=1, kind="int8"), (4, 2, 1), "runs with the GSPMD step only"),
+    (dict(zero=3), (2, 2, 2), "dp.zero=3 with mesh.pipe=2"),
+]
+
+
+@pytest.mark.parametrize("edit,mesh,needle", BAD, ids=[b[2][:20] for b in BAD])
+def test_bad_zero_settings_are_refused(edit, mesh, needle):
+  c = _config(edit.pop("zero"), mesh)
+  if "kind" in edit:
+    c.dp.compression.kind = edit.pop("kind")
+  c.model.update(edit)
+  with pytest.raises(ConfigError, match=needle):
+    config_check.check(c, 8)
+
+
+def test_state_rules_split_only_embed():
+  rules = dict(sharding.state_rules(True))
+  assert rules["embed"] == "data"
+  assert {k: v for k, v in rules.items() if k != "embed"} == {
+      k: v for k, v in sharding.LOGICAL_RULES if k != "embed"}
