@@ -20,7 +20,7 @@ from tests import numerics
 from tests.helpers import LAYOUT_RTOL, step_losses, tiny_config
 
 STEPS = 3
-CASES = [(1, (8, 1, 1)), (3, (8, 1, 1)), (1, (4, 2, 1)), (3, (4, 2, 1)), (1, (2, 2, 2))]
+CASES = [(3, (8, 1, 1)), (1, (4, 2, 1)), (3, (4, 2, 1)), (1, (2, 2, 2))]
 
 
 def _config(zero, mesh):
@@ -49,7 +49,7 @@ def test_zero_matches_single_device(reference, zero, mesh):
   numerics.check_close("losses", losses, reference, LAYOUT_RTOL * np.abs(reference))
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (4, 2, 1)])
+@pytest.mark.parametrize("mesh", [(4, 2, 1)])
 def test_each_device_holds_its_share(mesh):
   runs = {z: trainer.build(_config(z, mesh)) for z in (0, 1, 3)}
   data = mesh[0]
