@@ -216,10 +216,10 @@ def check_zero(config: ConfigDict, data: int, pipe: int) -> None:
   if d % data:
     raise ConfigError(f"dp.zero={zero} splits state over data along model.d_model={d}, which "
                       f"mesh.data={data} does not divide; pick a d_model divisible by it")
-  if dp_step.uses_dp_step(config):
-    raise ConfigError(f"dp.zero={zero} runs with the GSPMD step only (dp.mode='sync', "
-                      "dp.aggregator='psum', no compression) for now; set dp.zero=0 to use "
-                      "the explicit data-parallel step")
+  if zero == 3 and dp_step.uses_dp_step(config):
+    raise ConfigError("dp.zero=3 runs with the GSPMD step only (dp.mode='sync', "
+                      "dp.aggregator='psum', no compression); the explicit data-parallel step "
+                      "takes dp.zero=1")
   if zero == 3 and pipe > 1:
     raise ConfigError(f"dp.zero=3 with mesh.pipe={pipe}: the pipeline gathers parameters once "
                       "per step, not per block, so FSDP would save nothing there; use dp.zero=1 "
