@@ -3,9 +3,10 @@
   python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/rec_llm/default
 
 Runs on 8 virtual CPU devices (the trainer creates them unless XLA_FLAGS says otherwise)
-or on 8 accelerators. Measured on the 2-core CPU machine: 300 steps in about 2 minutes;
+or on 8 accelerators. Measured on the 2-core CPU machine: 300 steps in about 3 minutes;
 the loss falls from 8.3 (ln of the 4,096 items) to about 2.5 and train HR@10 rises from
-0.005 to about 0.85; held-out ranking (eval/..., test/...) is logged at the end.
+0.002 to about 0.86; held-out ranking (eval/..., test/...) is logged at the end (test HR@10
+about 0.83).
 """
 
 import ml_collections
