@@ -2,14 +2,14 @@ r"""Per-device memory of the training step by layout (mesh x dp.zero), from the 
 program's memory analysis, beside the analytic count, in JSON.
 
   python -m benchmarks.memory [--config=experiments/configs/default.py] \
-      [--layouts=8x1x1:0,8x1x1:1,8x1x1:3,4x2x1:0,4x2x1:1,4x2x1:3,2x2x2:0,2x2x2:1,1x4x2:0] \
+      [--layouts=8x1x1:0,8x1x1:1,8x1x1:3,4x2x1:0,4x2x1:1,4x2x1:3,2x2x2:0,2x2x2:1,1x4x2:0,2x1x4:0,2x1x4:1] \
       [--out=benchmarks/results/memory.json]
 
 Per device: parameters and optimizer state as held (bytes of device 0's shards) and as
 rec_llm/models/arithmetic.py counts them (float32; AdamW: two moments per parameter); the
 compiled step's arguments (state + batch), temporaries (activations, gradients, collective
-buffers) and peak = arguments + outputs - aliases + temporaries. Pipeline stages still hold
-every block (stage-local weights are not built yet), so pipe does not shrink the state.
+buffers) and peak = arguments + outputs - aliases + temporaries. With even pipeline stages
+(and no adaptive re-partitioning) each stage holds only its own blocks.
 """
 
 import math
@@ -26,12 +26,12 @@ from benchmarks import common
 from rec_llm.models import arithmetic
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.sim.measure import memory_of
-from rec_llm.train import trainer
+from rec_llm.train import config_check, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Config file.")
 _LAYOUTS = flags.DEFINE_list(
     "layouts", ["8x1x1:0", "8x1x1:1", "8x1x1:3", "4x2x1:0", "4x2x1:1", "4x2x1:3", "2x2x2:0",
-                "2x2x2:1", "1x4x2:0"], "data x tensor x pipe : dp.zero.")
+                "2x2x2:1", "1x4x2:0", "2x1x4:0", "2x1x4:1"], "data x tensor x pipe : dp.zero.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/memory.json", "Output JSON path.")
 
 
@@ -42,10 +42,11 @@ def held_bytes(tree) -> int:
              if s.device == dev)
 
 
-def analytic_bytes(mc, data, tensor, zero, moments) -> dict:
-  """float32 parameters and optimizer moments on one device (the step count excluded)."""
+def analytic_bytes(mc, data, tensor, zero, moments, stage_blocks=None) -> dict:
+  """float32 parameters and optimizer moments on one device (the step count excluded);
+  `stage_blocks`: the blocks a stage holds when they are stage-local (None: all)."""
   count = lambda split: sum(math.prod(s) for s in arithmetic.param_shapes(
-      mc, tensor=tensor, data=data if split else 1).values())
+      mc, tensor=tensor, layers=stage_blocks, data=data if split else 1).values())
   return {"params": 4 * count(zero == 3), "opt_state": 4 * moments * count(zero >= 1)}
 
 
@@ -57,11 +58,14 @@ def measure(config, shape, zero) -> dict:
   batch = run.batches(0)
   compiled = run.compile().executables[batch["inputs"].shape[1]]
   moments = 2 if config.train.optimizer == "adamw" else int(config.train.momentum > 0)
+  local = config_check.stage_local(config, shape)
   return {"mesh": "x".join(map(str, shape)), "zero": zero,
           "held": {"params": held_bytes(run.state.params),
                    "opt_state": held_bytes(run.state.opt_state),
                    "batch": held_bytes(batch)},
-          "analytic": analytic_bytes(run.model_cfg, shape[0], shape[1], zero, moments),
+          "stage_local": local,
+          "analytic": analytic_bytes(run.model_cfg, shape[0], shape[1], zero, moments,
+                                     config.model.num_layers // shape[2] if local else None),
           "compiled": memory_of(compiled)}
 
 

@@ -114,3 +114,25 @@ def test_state_rules_split_only_embed():
   assert rules["embed"] == "data"
   assert {k: v for k, v in rules.items() if k != "embed"} == {
       k: v for k, v in sharding.LOGICAL_RULES if k != "embed"}
+
+
+@pytest.mark.parametrize("layers,stage_layers,adaptive,local",
+                         [(4, (), False, True), (5, (2, 1, 1, 1), False, False),
+                          (4, (), True, False)], ids=["even", "uneven", "adaptive"])
+def test_pipeline_stages_hold_only_their_blocks(layers, stage_layers, adaptive, local):
+  # Even stages keep only their own blocks (and moments); uneven or re-balanced ones, for
+  # now, every block.
+  c = _config(0, (2, 1, 4))
+  c.model.num_layers = layers
+  c.pipeline.stage_layers = stage_layers
+  c.balance.adaptive = adaptive
+  run = trainer.build(c)
+  blocks = run.state.params["blocks"]
+  held = _device_bytes(blocks)
+  assert held * (4 if local else 1) == sum(x.nbytes for x in jax.tree.leaves(blocks))
+  mu = [x for x in jax.tree.leaves(run.state.opt_state) if x.ndim and x.shape[0] == layers]
+  assert len(mu) == 2 * len(jax.tree.leaves(blocks))  # AdamW's two moments of each block leaf
+  assert _device_bytes(mu) * (4 if local else 1) == sum(x.nbytes for x in mu)
+  stage_blocks = 1 if local else None
+  shapes = arithmetic.param_shapes(run.model_cfg, layers=stage_blocks)
+  assert 4 * sum(math.prod(s) for s in shapes.values()) == _device_bytes(run.state.params)

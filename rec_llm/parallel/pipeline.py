@@ -18,6 +18,9 @@ Design (why):
   reduction would be inserted inside the loop, once per microbatch. 'tensor' stays with
   GSPMD, so the Megatron sharding of the blocks and the vocab-parallel head are reused
   as they are.
+- Stage-local blocks (`stage_local`, even stages): `layers` comes in split over the stages,
+  so a stage holds (and updates) only its own L/P blocks and their gradients never leave it.
+  Otherwise every stage holds every block and gathers its own.
 - Each stage gathers its own blocks into [max_stage_layers, ...] slots and runs the first
   `count` of them in a while loop (`count` is per stage, so traced), taking each block's
   `jax.vjp` and writing its residuals in place into a buffer; the backward is a second
@@ -256,14 +259,16 @@ def tick(st: Stage, c: Carry, row) -> Carry:
 
 
 def _stage_loop(fns, layer_fn, sched, index, counts, layers, shared, batch, scale, *, baxis,
-                paxis, nstages):
+                paxis, nstages, stage_local):
   """Inside the shard_map (manual over data and stages): one replica's stage runs the
   schedule; returns its loss, aux sums and gradients, reduced over data (and the shared
   ones over stages)."""
   m = sched.microbatches
   stage = lax.axis_index(paxis)
   mbatch = jax.tree.map(lambda a: a.reshape((m, a.shape[0] // m) + a.shape[1:]), batch)
-  sp = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
+  # Stage-local: `layers` is already this stage's blocks; else every stage's, gathered here.
+  sp = layers if stage_local else jax.tree.map(
+      lambda a: jnp.take(a, jnp.asarray(index)[stage], axis=0), layers)
   mb0 = jax.tree.map(lambda a: a[0], mbatch)
   x_shape = jax.eval_shape(fns.first, shared, mb0)
   head_shape = jax.eval_shape(head_value_and_grad(fns), shared,
@@ -284,7 +289,7 @@ def _stage_loop(fns, layer_fn, sched, index, counts, layers, shared, batch, scal
 
 def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array, *, mesh: Mesh,
                    schedule: str, microbatches: int, stage_layers: tuple[int, ...],
-                   remat: bool = False, layer_shardings=None):
+                   remat: bool = False, layer_shardings=None, stage_local: bool = False):
   """Pipelined loss and gradients.
 
   Args:
@@ -298,6 +303,8 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
     stage_layers: blocks per stage (sum L, each >= 1).
     remat: recompute each block's activations in the backward.
     layer_shardings: optional shardings of `layers` (a pytree like it) for its gradients.
+    stage_local: `layers` is split over the stages (even stages only): each stage reads only
+      its own blocks, and their gradients stay there.
 
   Returns:
     (loss, aux_sums), (grad_layers, grad_shared), all replicated over data and stages.
@@ -307,10 +314,12 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
   counts, index, _ = stage_plan(tuple(stage_layers))
   if len(counts) != nstages:
     raise ValueError(f"{len(counts)} stage sizes for {nstages} stages")
+  if stage_local and len(set(stage_layers)) != 1:
+    raise ValueError(f"stage-local blocks need even stages, got {list(stage_layers)}")
   loop = functools.partial(
       _stage_loop, fns, jax.checkpoint(fns.layer) if remat else fns.layer,
       schedules.build(schedule, nstages, microbatches), index, counts,
-      baxis=baxis, paxis=paxis, nstages=nstages)
+      baxis=baxis, paxis=paxis, nstages=nstages, stage_local=stage_local)
 
   def manual_loop(*args):
     with sharding.manual((baxis, paxis)):
@@ -321,7 +330,7 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
   # them into the replicated [L, ...] layout while keeping their tensor sharding (a manual
   # all_gather inside would first replicate them over 'tensor').
   (loss, aux), (g_slots, g_shared) = jax.shard_map(
-      manual_loop, mesh=mesh, in_specs=(P(), P(), batch_spec, P()),
+      manual_loop, mesh=mesh, in_specs=(P(paxis) if stage_local else P(), P(), batch_spec, P()),
       out_specs=((P(), P()), (P(paxis), P())), axis_names={baxis, paxis},
       check_vma=False)(layers, shared, batch, scale)
   if layer_shardings is not None:

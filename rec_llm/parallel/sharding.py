@@ -32,12 +32,17 @@ ZERO_STAGES = (0, 1, 3)   # 0: replicated; 1: optimizer state; 3: parameters too
 STATE_SPLIT = ("embed", "data")
 
 
-def state_rules(zero: bool) -> tuple[tuple[str, str | None], ...]:
-  """The logical rules for train state: LOGICAL_RULES, with STATE_SPLIT when `zero`."""
-  if not zero:
-    return LOGICAL_RULES
-  name, axis = STATE_SPLIT
-  return tuple((n, axis if n == name else a) for n, a in LOGICAL_RULES)
+# Stage-local pipeline weights: the stacked blocks' 'layers' dim split over the stages, so a
+# stage holds only its own blocks (and their optimizer state). Only for even partitions: the
+# canonical [L, ...] layout then splits into the stages' contiguous blocks.
+STAGE_SPLIT = ("layers", "pipe")
+
+
+def state_rules(zero: bool, stage_local: bool = False) -> tuple[tuple[str, str | None], ...]:
+  """The logical rules for train state: LOGICAL_RULES, with STATE_SPLIT when `zero` and
+  STAGE_SPLIT when `stage_local`."""
+  splits = dict([STATE_SPLIT] * bool(zero) + [STAGE_SPLIT] * bool(stage_local))
+  return tuple((n, splits.get(n, a)) for n, a in LOGICAL_RULES)
 
 
 def mesh_axis(logical: str) -> str | None:
@@ -69,11 +74,12 @@ def named(mesh: Mesh, logical: tuple[str | None, ...]) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(logical))
 
 
-def tree_shardings(abstract_boxed_tree: Any, mesh: Mesh, zero: bool = False) -> Any:
+def tree_shardings(abstract_boxed_tree: Any, mesh: Mesh, zero: bool = False,
+                   stage_local: bool = False) -> Any:
   """NamedShardings for a tree of (possibly) logically-partitioned abstract values; with
-  `zero`, also split over 'data' along STATE_SPLIT's logical axis."""
+  `zero` / `stage_local`, also split as STATE_SPLIT / STAGE_SPLIT say."""
   specs = nn.get_partition_spec(abstract_boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, state_rules(zero))
+  return nn.logical_to_mesh_sharding(specs, mesh, state_rules(zero, stage_local))
 
 
 @contextlib.contextmanager

@@ -226,6 +226,15 @@ def check_zero(config: ConfigDict, data: int, pipe: int) -> None:
                       "(optimizer state) with a pipeline")
 
 
+def stage_local(config: ConfigDict, shape) -> bool:
+  """Whether each pipeline stage stores only its own blocks: with pipe > 1, an even partition
+  (the canonical [L, ...] blocks then split into the stages' contiguous blocks) and no
+  adaptive re-partitioning (which would move blocks between stages mid-run)."""
+  pipe, layers = shape[2], config.model.num_layers
+  sizes = schedules.stage_sizes(layers, pipe, pipeline_config(config)["stage_layers"])
+  return pipe > 1 and len(set(sizes)) == 1 and not config.balance.adaptive
+
+
 def check_pipeline(config: ConfigDict, data: int, pipe: int) -> None:
   p = pipeline_config(config)
   layers = config.model.num_layers

@@ -65,7 +65,7 @@ def stage_fns(cfg: ModelConfig, num_valid: int) -> pipeline.StageFns:
 
 
 def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: Mesh,
-                                  pipe_cfg: dict, param_shardings=None):
+                                  pipe_cfg: dict, param_shardings=None, stage_local=False):
   """`jax.value_and_grad(loss_fn, has_aux=True)` for mesh.pipe > 1, run as a pipeline.
 
   The blocks (params['blocks'], stacked [L, ...]) are split over the stages; the embedding
@@ -86,7 +86,7 @@ def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: 
     (loss, aux), (g_blocks, g_shared) = pipeline.value_and_grad(
         fns, params["blocks"], shared, batch, scale, mesh=mesh,
         schedule=pipe_cfg["schedule"], microbatches=int(pipe_cfg["microbatches"]),
-        stage_layers=sizes, remat=bool(pipe_cfg["remat"]),
+        stage_layers=sizes, remat=bool(pipe_cfg["remat"]), stage_local=stage_local,
         layer_shardings=None if param_shardings is None else param_shardings["blocks"])
     count = jnp.maximum(targets, 1)
     grads = {**g_shared, "blocks": g_blocks}

@@ -70,13 +70,14 @@ class CompiledStep:
     return self.executables[width](state, batch)
 
 
-def zero_shardings(abstract_state, mesh: Mesh, zero: int):
+def state_shardings_of(abstract_state, mesh: Mesh, zero: int, stage_local: bool):
   """The train state's shardings: the optimizer state split over 'data' from ZeRO stage 1,
-  the parameters too at stage 3 (sharding.STATE_SPLIT); the rest as the logical rules say."""
-  plain = sharding.tree_shardings(abstract_state, mesh)
+  the parameters too at stage 3 (sharding.STATE_SPLIT); with `stage_local`, the blocks of
+  both split over the stages (sharding.STAGE_SPLIT); the rest as the logical rules say."""
+  plain = sharding.tree_shardings(abstract_state, mesh, stage_local=stage_local)
   if not zero:
     return plain
-  split = sharding.tree_shardings(abstract_state, mesh, zero=True)
+  split = sharding.tree_shardings(abstract_state, mesh, zero=True, stage_local=stage_local)
   return plain.replace(opt_state=split.opt_state, params=split.params if zero == 3 else plain.params)
 
 
@@ -97,7 +98,9 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   # With local SGD the state's optimizer is the outer one; the inner one lives per replica.
   boxed = functools.partial(init_state, model,
                             dp_step.outer_optimizer(config.dp) if local_sgd else tx, mc.max_len)
-  state_shardings = zero_shardings(jax.eval_shape(boxed, rng), mesh, int(config.dp.zero))
+  stage_local = config_check.stage_local(config, shape)
+  state_shardings = state_shardings_of(jax.eval_shape(boxed, rng), mesh, int(config.dp.zero),
+                                       stage_local)
   make_state = lambda: nn.meta.unbox(boxed(rng))
   batches = loader.BatchMaker(source, int(tc.batch_size), mesh)
   if use_dp:
@@ -116,11 +119,12 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
     if shape[2] > 1:
       value_and_grad = make_pipelined_value_and_grad(
           mc, mc.num_items + 1, mesh, config_check.pipeline_config(config),
-          param_shardings=state_shardings.params)
+          param_shardings=state_shardings.params, stage_local=stage_local)
     else:
       value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     zero = int(config.dp.zero)
-    grad_shardings = (sharding.tree_shardings(jax.eval_shape(boxed, rng), mesh, zero=True).params
+    grad_shardings = (sharding.tree_shardings(jax.eval_shape(boxed, rng), mesh, zero=True,
+                                              stage_local=stage_local).params
                       if zero else None)
     step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
                               faults=faults, value_and_grad=value_and_grad,
