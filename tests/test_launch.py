@@ -46,6 +46,15 @@ def test_two_processes_match_one_process(tmp_path):
   assert want and got.keys() == want.keys()
   for k in want:
     numerics.check(k, abs(got[k] - want[k]), 1 / EVAL_USERS)
+  # ZeRO-1 and stage-local blocks across processes: data=2 x tensor=2 x pipe=2 over 2
+  # processes x 4 devices (each stage's blocks, and each data shard of the optimizer state,
+  # on one process) computes the same losses up to reordered sums.
+  sharded = str(tmp_path / "sharded")
+  p3 = run_trainer(ARGS + ["--config.dp.zero=1", "--config.mesh.data=2", "--config.mesh.pipe=2",
+                           f"--workdir={sharded}"], timeout=180, launcher=2)
+  assert p3.returncode == 0, p3.stderr[-3000:]
+  numerics.check_close("losses", _losses(sharded), _losses(one),
+                       LAYOUT_RTOL * np.abs(_losses(one)))
 
 
 def _children(pid):
