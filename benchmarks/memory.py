@@ -18,14 +18,13 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import common
 from rec_llm.models import arithmetic
 from rec_llm.parallel import mesh as mesh_lib
-from rec_llm.sim.measure import memory_of
+from rec_llm.sim.measure import held_bytes, memory_of
 from rec_llm.train import config_check, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Config file.")
@@ -33,13 +32,6 @@ _LAYOUTS = flags.DEFINE_list(
     "layouts", ["8x1x1:0", "8x1x1:1", "8x1x1:3", "4x2x1:0", "4x2x1:1", "4x2x1:3", "2x2x2:0",
                 "2x2x2:1", "1x4x2:0", "2x1x4:0", "2x1x4:1"], "data x tensor x pipe : dp.zero.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/memory.json", "Output JSON path.")
-
-
-def held_bytes(tree) -> int:
-  """Bytes device 0 holds of a tree of arrays."""
-  dev = jax.devices()[0]
-  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
-             if s.device == dev)
 
 
 def analytic_bytes(mc, data, tensor, zero, moments, stage_blocks=None) -> dict:

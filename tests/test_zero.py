@@ -15,6 +15,7 @@ import pytest
 from rec_llm.errors import ConfigError
 from rec_llm.models import arithmetic
 from rec_llm.parallel import sharding
+from rec_llm.sim.measure import held_bytes
 from rec_llm.train import config_check, trainer
 from tests import numerics
 from tests.helpers import LAYOUT_RTOL, step_losses, tiny_config
@@ -27,15 +28,6 @@ def _config(zero, mesh):
   c = tiny_config(data=mesh[0], tensor=mesh[1], pipe=mesh[2])
   c.dp.zero = zero
   return c
-
-
-def _device_bytes(tree) -> int:
-  """Bytes one device holds of a tree of arrays (device 0's shards)."""
-  return sum(_leaf_bytes(x) for x in jax.tree.leaves(tree))
-
-
-def _leaf_bytes(x) -> int:
-  return sum(s.data.nbytes for s in x.addressable_shards if s.device == jax.devices()[0])
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +48,23 @@ def test_each_device_holds_its_share(mesh):
   for z, part in ((1, "opt_state"), (3, "opt_state"), (3, "params")):
     plain = jax.tree.leaves(getattr(runs[0].state, part))
     split = jax.tree.leaves(getattr(runs[z].state, part))
-    ratios = [_leaf_bytes(a) / _leaf_bytes(b) for a, b in zip(plain, split)]
+    ratios = [held_bytes(a) / held_bytes(b) for a, b in zip(plain, split)]
     assert set(ratios) <= {1.0, float(data)}, (z, part, set(ratios))
     # What stays whole: the leaves without an 'embed' axis (biases, the step count).
     whole = [a for a, r in zip(plain, ratios) if r == 1.0]
-    assert sum(_leaf_bytes(a) for a in whole) < 0.05 * _device_bytes(plain), (z, part)
-  assert _device_bytes(runs[1].state.params) == _device_bytes(runs[0].state.params)
+    assert sum(held_bytes(a) for a in whole) < 0.05 * held_bytes(plain), (z, part)
+  assert held_bytes(runs[1].state.params) == held_bytes(runs[0].state.params)
   # The simulator's arithmetic counts the same per-device parameters.
   mc = runs[0].model_cfg
   for z, data_split in ((0, 1), (3, data)):
     shapes = arithmetic.param_shapes(mc, tensor=mesh[1], data=data_split)
-    assert 4 * sum(math.prod(s) for s in shapes.values()) == _device_bytes(runs[z].state.params)
+    assert 4 * sum(math.prod(s) for s in shapes.values()) == held_bytes(runs[z].state.params)
   # The compiled step's arguments are exactly the state and batch each device holds.
   for z, run in runs.items():
     batch = run.batches(0)
     compiled = run.compile().executables[batch["inputs"].shape[1]]
     args = compiled.memory_analysis().argument_size_in_bytes
-    assert args == _device_bytes(run.state) + _device_bytes(batch), (z, args)
+    assert args == held_bytes(run.state) + held_bytes(batch), (z, args)
 
 
 def test_zero1_composes_with_the_explicit_dp_step():
@@ -86,7 +78,7 @@ def test_zero1_composes_with_the_explicit_dp_step():
     c.dp.update(zero=zero, mode="local_sgd", local_steps=2, aggregator="ring")
     c.dp.compression.kind = "int8"
     got[zero], state = step_losses(trainer.build(c), STEPS)
-    held[zero] = _device_bytes(state.opt_state)
+    held[zero] = held_bytes(state.opt_state)
   numerics.check_close("losses", got[1], got[0], LAYOUT_RTOL * np.abs(got[0]))
   assert held[1] < 0.3 * held[0], held  # 1/4 of it, plus the few leaves without 'embed'
 
@@ -128,11 +120,11 @@ def test_pipeline_stages_hold_only_their_blocks(layers, stage_layers, adaptive, 
   c.balance.adaptive = adaptive
   run = trainer.build(c)
   blocks = run.state.params["blocks"]
-  held = _device_bytes(blocks)
+  held = held_bytes(blocks)
   assert held * (4 if local else 1) == sum(x.nbytes for x in jax.tree.leaves(blocks))
   mu = [x for x in jax.tree.leaves(run.state.opt_state) if x.ndim and x.shape[0] == layers]
   assert len(mu) == 2 * len(jax.tree.leaves(blocks))  # AdamW's two moments of each block leaf
-  assert _device_bytes(mu) * (4 if local else 1) == sum(x.nbytes for x in mu)
+  assert held_bytes(mu) * (4 if local else 1) == sum(x.nbytes for x in mu)
   stage_blocks = 1 if local else None
   shapes = arithmetic.param_shapes(run.model_cfg, layers=stage_blocks)
-  assert 4 * sum(math.prod(s) for s in shapes.values()) == _device_bytes(run.state.params)
+  assert 4 * sum(math.prod(s) for s in shapes.values()) == held_bytes(run.state.params)

@@ -1,12 +1,13 @@
 """Conditional execution of code that contains collectives.
 
-`lax.cond` lowers to an HLO conditional, and XLA:CPU's thunk runtime appears not to order the
-collectives inside a conditional's branch with those outside it: devices can then meet at
-different all-reduces (JAX gives every collective the same channel id) and read the wrong
-buffers (inferred from the crash below and its cure, not from XLA's source). Seen as a segfault in `InProcessCommunicator::AllReduce` within ~15 steps of a
-local-SGD step whose outer update (an all-reduce) sat in a `lax.cond` (jax 0.10.2). A while
-loop is ordered correctly, so `run_if` runs `fn` in a loop of zero or one trips. It is for
-code the program differentiates by hand (a while loop has no reverse-mode derivative).
+`lax.cond` lowers to an HLO conditional, and XLA:CPU's thunk runtime appears not to order
+the collectives inside a conditional's branch with those outside it: devices can then meet
+at different all-reduces (JAX gives every collective the same channel id) and read the wrong
+buffers (inferred from the crash below and its cure, not from XLA's source). Seen as a
+segfault in `InProcessCommunicator::AllReduce` within ~15 steps of a local-SGD step whose
+outer update (an all-reduce) sat in a `lax.cond` (jax 0.10.2). A while loop is ordered
+correctly, so `run_if` runs `fn` in a loop of zero or one trips. It is for code the program
+differentiates by hand (a while loop has no reverse-mode derivative).
 """
 
 from typing import Any, Callable

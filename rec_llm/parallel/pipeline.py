@@ -37,8 +37,8 @@ Design (why):
   Every tick ends with two ppermutes (activations forward, gradients backward).
 - The embedding runs only on stage 0 and the head only on the last stage (`control.run_if`
   on the stage index: they hold tensor-parallel collectives, which a `lax.cond` would leave
-  unordered with the tick's others on XLA:CPU). The last stage keeps its output in its (otherwise unused) gradient slots
-  and runs the head's forward and backward in the microbatch's backward tick, so its
+  unordered with the tick's others on XLA:CPU). The last stage keeps its output in its
+  (otherwise unused) gradient slots and runs the head's forward and backward in the microbatch's backward tick, so its
   [mb, seq, vocab/tensor] logits are never stored, and a stage's forward tick is its
   blocks' forwards, its backward tick their backwards (plus the head on the last): what
   the balancer times.

@@ -101,6 +101,13 @@ def _model_cfg(model: dict) -> st.ModelConfig:
   return st.ModelConfig(**{k: model[k] for k in keys if k in model})
 
 
+def held_bytes(tree, device=None) -> int:
+  """Bytes one device (default: the first) holds of a tree of arrays: its shards' sizes."""
+  device = device or jax.devices()[0]
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+             if s.device == device)
+
+
 def memory_of(compiled) -> dict:
   """Bytes from `compiled.memory_analysis()`; peak = arguments + outputs - aliases + temps
   ({} where the backend gives no analysis)."""

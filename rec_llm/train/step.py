@@ -103,8 +103,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, num_vali
   are not finite leaves the state untouched and counts in `state.skipped`. `faults` is
   test-only fault injection (rec_llm/train/faults.py). `value_and_grad` replaces
   `jax.value_and_grad(loss_fn, has_aux=True)` (the pipeline's). `grad_shardings` (ZeRO):
-  the gradients' layout, split over 'data' like the optimizer state, so that the data
-  reduction is a reduce-scatter and each device updates only its shard."""
+  the gradients' layout, split over 'data' like the optimizer state, so that each device
+  updates only its shard (and XLA may reduce-scatter; XLA:CPU all-reduces, then slices)."""
   base_rng = jax.random.PRNGKey(seed)
   value_and_grad = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
 

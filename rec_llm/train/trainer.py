@@ -99,8 +99,8 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   boxed = functools.partial(init_state, model,
                             dp_step.outer_optimizer(config.dp) if local_sgd else tx, mc.max_len)
   stage_local = config_check.stage_local(config, shape)
-  state_shardings = state_shardings_of(jax.eval_shape(boxed, rng), mesh, int(config.dp.zero),
-                                       stage_local)
+  abstract_state = jax.eval_shape(boxed, rng)
+  state_shardings = state_shardings_of(abstract_state, mesh, int(config.dp.zero), stage_local)
   make_state = lambda: nn.meta.unbox(boxed(rng))
   batches = loader.BatchMaker(source, int(tc.batch_size), mesh)
   if use_dp:
@@ -122,10 +122,9 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
           param_shardings=state_shardings.params, stage_local=stage_local)
     else:
       value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-    zero = int(config.dp.zero)
-    grad_shardings = (sharding.tree_shardings(jax.eval_shape(boxed, rng), mesh, zero=True,
-                                              stage_local=stage_local).params
-                      if zero else None)
+    grad_shardings = (sharding.tree_shardings(abstract_state.params, mesh, zero=True,
+                                              stage_local=stage_local)
+                      if config.dp.zero else None)
     step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
                               faults=faults, value_and_grad=value_and_grad,
                               grad_shardings=grad_shardings)
