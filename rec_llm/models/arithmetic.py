@@ -45,6 +45,13 @@ def param_axes(m) -> dict[str, tuple[tuple[int, str], ...]]:
   return out
 
 
+def multiplies(path: str) -> bool:
+  """Whether a leaf multiplies its input (the kernels and norm scales), so that the backward
+  needs its value; biases and the position table only add. (The item table multiplies too,
+  but the vocab-parallel kernels keep the forward's copy for the backward.)"""
+  return path.endswith(("kernel", "scale"))
+
+
 def param_shapes(m, tensor: int = 1, layers: int | None = None,
                  data: int = 1) -> dict[str, tuple[int, ...]]:
   """Parameter path -> shape on one device when the TENSOR_SPLIT dims are split over

@@ -121,7 +121,11 @@ def _mask_padding(cfg: ModelConfig, x, valid):
 
 
 class SeqTransformer(nn.Module):
-  """Embedding -> N pre-LN blocks (scanned, stacked on 'layers') -> final norm."""
+  """Embedding -> N pre-LN blocks (scanned, stacked on 'layers') -> final norm.
+
+  Returns (hidden, table) whose dot products are the scores; under a mesh with a sharded
+  batch, `table` is `vocab_parallel.tie`'s per-shard copies, which rec_llm.parallel's
+  vocab-parallel functions take as they take the table."""
   cfg: ModelConfig
 
   @nn.compact
@@ -131,6 +135,7 @@ class SeqTransformer(nn.Module):
                        (cfg.vocab_size, cfg.d_model))
     pos = self.param("pos_embedding", Logical(nn.initializers.normal(0.02), ("seq", "embed")),
                      (cfg.max_len, cfg.d_model))
+    table = vocab_parallel.tie(table)  # its lookup's and its scores' gradients reduced once
     valid = ids != 0
     x = _lookup(cfg, table, pos, ids)
     x = _mask_padding(cfg, nn.Dropout(cfg.dropout_rate, deterministic=not train)(x), valid)

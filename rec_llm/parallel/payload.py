@@ -11,6 +11,7 @@ float32), c = ceil(numel / n) rounded up to the codec's chunk, g = group (device
   ring          2(n-1) * E(c)                       (= psum's when uncompressed)
   hierarchical  2(g-1) * (n/g) * E(c) + 2(n/g - 1) * E(c)
   sparse        (n-1) * pairs * pair_bytes          (all-gather of every replica's pairs)
+  reduce_scatter, all_gather  (n-1)/n * 4 numel     (ZeRO's halves of an all-reduce)
 Encoded sizes: int8 and qsgd m + 4m/256 (int8 levels, also for bits < 8: no sub-byte
 packing), sign m/8 + 4m/1024; top-k pairs are a uint16 offset and a bfloat16 value.
 `hlo_wire_bytes` turns `hlo_stats.collective_bytes` payloads into the same units.
@@ -25,6 +26,7 @@ KINDS = ("none", "topk", "randomk", "qsgd", "int8", "sign", "powersgd")
 AGGREGATORS = ("psum", "ring", "hierarchical", "sparse")
 DENSE = ("psum", "ring", "hierarchical")      # aggregators of a dense mean
 CARRYING = ("ring", "hierarchical")           # dense aggregators that carry encoded chunks
+HALVES = ("reduce_scatter", "all_gather")     # ZeRO's collectives (dp.zero), not user choices
 DP_MODES = ("sync", "stale", "local_sgd")
 LOSSY = frozenset(KINDS) - {"none"}
 # Kinds that keep what they did not send in an error-feedback residual (a copy of the
@@ -130,6 +132,8 @@ def wire_bytes(aggregator: str, n: int, numel: int, *, group: int = 0,
     return 0
   if aggregator == "psum":
     return round(2 * (n - 1) / n * 4 * numel)
+  if aggregator in HALVES:
+    return round((n - 1) / n * 4 * numel)
   if aggregator == "sparse":
     return (n - 1) * numel * pair_bytes
   if aggregator not in CARRYING:

@@ -36,14 +36,44 @@ def _psum(x, axis):
   return x if axis is None else jax.lax.psum(x, axis)
 
 
+def tie(table: jax.Array) -> jax.Array:
+  """The item table as a training step's lookup and softmax both take it: one copy per
+  'batch' shard, [shards, vocab, embed] split over 'batch' and 'vocab'.
+
+  A table replicated over 'batch' enters each `shard_map` unmapped on that axis, so the
+  transpose of each one all-reduces its own gradient over the data replicas: the table's
+  two uses would be reduced twice. Per-shard copies come back unreduced from both, are
+  added on each device, and this broadcast's transpose reduces their sum once. The copy
+  is the device's own table shard (no extra traffic); without a sharded batch it is the
+  table itself.
+  """
+  axes = _axes()
+  baxis = None if axes is None else axes[1]
+  if baxis is None or jax.sharding.get_abstract_mesh().shape[baxis] == 1:
+    return table
+  shards = jax.sharding.get_abstract_mesh().shape[baxis]
+  copies = jnp.broadcast_to(table[None], (shards,) + table.shape)
+  return jax.lax.with_sharding_constraint(copies, P(baxis, axes[0], None))
+
+
+def _table_spec(table, vaxis, baxis):
+  """The shard_map spec of a table as given: [vocab, embed] or `tie`'s per-shard copies."""
+  return P(vaxis, None) if table.ndim == 2 else P(baxis, vaxis, None)
+
+
+def _local_table(tbl):
+  return tbl if tbl.ndim == 2 else tbl[0]
+
+
 def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
   """table[ids] with table rows sharded over 'vocab'; ids [batch, seq] -> [batch, seq, embed]."""
   axes = _axes()
   if axes is None:
-    return jnp.take(table, ids, axis=0)
+    return jnp.take(_local_table(table), ids, axis=0)
   vaxis, baxis = axes
 
   def local(tbl, ids):
+    tbl = _local_table(tbl)
     start, rows = _shard_bounds(tbl, vaxis)
     rel = ids - start
     hit = (rel >= 0) & (rel < rows)
@@ -51,7 +81,8 @@ def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     return _psum(jnp.where(hit[..., None], x, jnp.zeros_like(x)), vaxis)
 
   return jax.shard_map(
-      local, in_specs=(P(vaxis, None), P(baxis, None)), out_specs=P(baxis, None, None))(table, ids)
+      local, in_specs=(_table_spec(table, vaxis, baxis), P(baxis, None)),
+      out_specs=P(baxis, None, None))(table, ids)
 
 
 def ahead_of_target(scores: jax.Array, ids: jax.Array, target_score: jax.Array,
@@ -76,7 +107,7 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
 
   Args:
     hidden: [batch, seq, embed] final hidden states.
-    table: [vocab, embed] item table (rows sharded over 'vocab').
+    table: [vocab, embed] item table (rows sharded over 'vocab'), or `tie`'s copies of it.
     targets: [batch, seq] item ids.
     num_valid: ids 1..num_valid-1 are real items; id 0 (padding) and the rows padded onto
       the table for even sharding are excluded from the softmax.
@@ -92,6 +123,7 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
   vaxis, baxis = axes if axes is not None else (None, None)
 
   def local(h, tbl, tgt, ex=None):
+    tbl = _local_table(tbl)
     start, rows = _shard_bounds(tbl, vaxis)
     logits = jnp.einsum("bsd,vd->bsv", h, tbl, preferred_element_type=jnp.float32)
     col = start + jnp.arange(rows)
@@ -119,7 +151,8 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
   args = (hidden, table, targets) + (() if exclude is None else (exclude,))
   if axes is None:
     return local(*args)
-  specs = (P(baxis, None, None), P(vaxis, None), P(baxis, None), P(baxis, None))
+  specs = (P(baxis, None, None), _table_spec(table, vaxis, baxis), P(baxis, None),
+           P(baxis, None))
   return jax.shard_map(local, in_specs=specs[:len(args)],
                        out_specs=(P(baxis, None), P(baxis, None)))(*args)
 
@@ -134,6 +167,7 @@ def top_k(hidden: jax.Array, table: jax.Array, k: int, num_valid: int) -> tuple[
   vaxis, baxis = axes if axes is not None else (None, None)
 
   def local(h, tbl):
+    tbl = _local_table(tbl)
     start, rows = _shard_bounds(tbl, vaxis)
     scores = jnp.einsum("bd,vd->bv", h, tbl, preferred_element_type=jnp.float32)
     col = start + jnp.arange(rows)
@@ -148,5 +182,5 @@ def top_k(hidden: jax.Array, table: jax.Array, k: int, num_valid: int) -> tuple[
 
   if axes is None:
     return local(hidden, table)
-  return jax.shard_map(local, in_specs=(P(baxis, None), P(vaxis, None)),
+  return jax.shard_map(local, in_specs=(P(baxis, None), _table_spec(table, vaxis, baxis)),
                        out_specs=(P(baxis, None), P(baxis, None)), check_vma=False)(hidden, table)

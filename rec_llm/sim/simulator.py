@@ -57,6 +57,7 @@ class Plan:
   staleness: int = 1              # 'stale': steps a reduction may lag
   local_steps: int = 1            # 'local_sgd': steps between synchronisations
   aggregator: str = "psum"        # 'psum' | 'ring' | 'hierarchical' | 'sparse'
+  zero: int = 0                   # dp.zero: 0 replicated, 1 optimizer state, 3 parameters too
 
   @property
   def mesh(self) -> str:
@@ -93,6 +94,13 @@ def check_plan(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan) -> tuple[i
     raise ConfigError("microbatches > 1 needs pipe > 1 (the trainer has no gradient accumulation)")
   if plan.schedule not in schedules.SCHEDULES:
     raise ConfigError(f"schedule {plan.schedule!r} is unknown; choose one of {list(schedules.SCHEDULES)}")
+  if plan.zero not in (0, 1, 3):
+    raise ConfigError(f"zero={plan.zero!r} is unknown; choose 0, 1 or 3 (dp.zero)")
+  if plan.zero and m.d_model % d:
+    raise ConfigError(f"zero={plan.zero} splits state along d_model={m.d_model}, which data={d} "
+                      "does not divide")
+  if plan.zero == 3 and (p > 1 or uses_dp_step(plan)):
+    raise ConfigError("zero=3 runs with GSPMD's step at pipe=1 only (as the trainer); use zero=1")
   if plan.dp_mode not in payload.DP_MODES:
     raise ConfigError(f"dp_mode {plan.dp_mode!r} is unknown; choose one of {list(payload.DP_MODES)}")
   # the compressor and aggregator as rec_llm.parallel.compression.make checks them
@@ -259,16 +267,30 @@ class Result:
             "bubble": self.bubble, "dp_bytes": self.dp_bytes, "breakdown": self.breakdown}
 
 
-def local_params(m: cm.ModelSpec, t: int) -> int:
-  """Parameters one device holds (and updates): every block and the shared leaves, split
-  over `tensor`, replicated over `data` and `pipe`."""
-  return m.num_layers * arithmetic.block_params(m, t) + arithmetic.shared_params(m, t)
+def stage_local(plan: Plan, sizes) -> bool:
+  """Whether each stage stores only its own blocks, as the trainer decides
+  (config_check.stage_local): pipe > 1 with even stages (plans are static partitions)."""
+  return plan.pipe > 1 and len(set(sizes)) == 1
+
+
+def state_params(m: cm.ModelSpec, plan: Plan, sizes) -> dict:
+  """Parameters one device holds, as rec_llm/parallel/sharding.state_rules lays state out:
+  'params' (the parameters it stores), 'updated' (the share whose optimizer state it keeps
+  and updates), 'replica' (its data replica's whole tensor shard: what a gradient or a
+  gathered copy covers). Blocks: the stage's own when stage-local, else all; tensor splits
+  heads, mlp and table rows; dp.zero splits 'embed' over data (1: optimizer state, 3: the
+  parameters too)."""
+  layers = max(sizes) if stage_local(plan, sizes) else m.num_layers
+  count = lambda data: sum(math.prod(s) for s in arithmetic.param_shapes(
+      m, plan.tensor, layers, data=data).values())
+  replica, split = count(1), count(plan.data if plan.zero else 1)
+  return {"params": split if plan.zero == 3 else replica, "updated": split, "replica": replica}
 
 
 def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> dict:
   """Bytes per device (the most loaded stage; SPMD gives every stage the same buffers)."""
   t, p = plan.tensor, plan.pipe
-  params = local_params(m, t)
+  held = state_params(m, plan, sizes)
   width = max(sizes)
   rows = batch.global_batch // (plan.data * plan.microbatches)
   n = rows * batch.seq_len
@@ -279,10 +301,15 @@ def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> dict
     transient = one_block
   else:
     per_mb, transient = width * one_block, 0.0
-  out = {"params": 4 * params,
-         "grads": 4 * params + (4 * width * arithmetic.block_params(m, t) if p > 1 else 0.0),
-         "adam": 8 * params,
-         "error_feedback": (4 * params if plan.compression in payload.ERROR_FEEDBACK
+  # Gradients: the replica's whole shard (FSDP: its shard, and one block's whole gradient and
+  # gathered weights at a time); a pipeline that is not stage-local also holds its stage's
+  # block gradients before they are gathered over pipe.
+  block = arithmetic.block_params(m, t)
+  grads = held["replica"] if plan.zero < 3 else held["params"] + 2 * block
+  if p > 1 and not stage_local(plan, sizes):
+    grads += width * block
+  out = {"params": 4 * held["params"], "grads": 4 * grads, "adam": 8 * held["updated"],
+         "error_feedback": (4 * held["replica"] if plan.compression in payload.ERROR_FEEDBACK
                             and plan.data > 1 else 0.0)}
   if p > 1:
     sched = _schedule(plan.schedule, p, plan.microbatches)
@@ -310,24 +337,36 @@ def uses_dp_step(plan: Plan) -> bool:
 def dp_reductions(m: cm.ModelSpec, plan: Plan, width: int, group: int) -> list:
   """The means (payload.Reduction) of one data-parallel reduction, on the gradient leaves one
   device holds, as the compiled HLO shows them (tests/test_sim_bytes.py):
-  - GSPMD's step, pipe = 1: every leaf all-reduced, the item table twice (its lookup's and
-    the head's gradients are reduced apart);
-  - pipe > 1: the stage's `width` stacked blocks and the shared leaves once (summed over the
-    stages first);
+  - GSPMD's step: every leaf all-reduced once (the item table's lookup and head gradients
+    are summed first: vocab_parallel.tie); with pipe > 1, the stage's `width` stacked blocks
+    and the shared leaves (summed over the stages first);
   - the explicit step (pipe = 1): the summed tree, compressed once. With pipe > 1, which it
-    does not run, it is priced on the pipeline's leaves."""
+    does not run, it is priced on the pipeline's leaves;
+  - dp.zero: GSPMD's step reduce-scatters the leaves split over data (all-reduces the few it
+    keeps whole), and all-gathers parameters: 1, every split leaf once, after the update;
+    3 (FSDP), every split leaf before its forward use, and those the backward multiplies
+    by (arithmetic.multiplies) again before their backward use."""
   if plan.data == 1:
     return []
   layers = width if plan.pipe > 1 else m.num_layers
-  shapes = list(arithmetic.param_shapes(m, plan.tensor, layers).values())
+  whole = arithmetic.param_shapes(m, plan.tensor, layers)
+  shapes, total = list(whole.values()), sum(math.prod(s) for s in whole.values())
+  if uses_dp_step(plan):
+    out = payload.reductions(plan.compression, shapes, replicas=plan.data,
+                             aggregator=plan.aggregator, ratio=plan.ratio, bits=plan.bits,
+                             rank=plan.rank, group=group)
+  else:
+    out = [payload.Reduction("psum", total)]
+  if not plan.zero:
+    return out
+  split = {p: math.prod(s) for p, s in whole.items()
+           if s != arithmetic.param_shapes(m, plan.tensor, layers, data=plan.data)[p]}
   if not uses_dp_step(plan):
-    numel = sum(math.prod(s) for s in shapes)
-    if plan.pipe == 1:
-      numel += arithmetic.table_params(m, plan.tensor)
-    return [payload.Reduction("psum", numel)]
-  return payload.reductions(plan.compression, shapes, replicas=plan.data,
-                            aggregator=plan.aggregator, ratio=plan.ratio, bits=plan.bits,
-                            rank=plan.rank, group=group)
+    kept = total - sum(split.values())
+    out = [payload.Reduction("reduce_scatter", total - kept), payload.Reduction("psum", kept)]
+  gathered = sum(split.values()) + (plan.zero == 3) * sum(
+      n for p, n in split.items() if arithmetic.multiplies(p))
+  return out + [payload.Reduction("all_gather", gathered)]
 
 
 def dp_time(c: Cluster, reductions: list, groups: dict, group: int) -> float:
@@ -337,6 +376,8 @@ def dp_time(c: Cluster, reductions: list, groups: dict, group: int) -> float:
   for r in reductions:
     if r.aggregator == "psum":
       t += collective_time(c, "all-reduce", 4 * r.numel, n, level)
+    elif r.aggregator in payload.HALVES:  # ZeRO's reduce-scatter and all-gather
+      t += collective_time(c, r.aggregator.replace("_", "-"), 4 * r.numel, n, level)
     elif r.aggregator == "sparse":  # every device gathers every other's pairs
       t += collective_time(c, "all-gather", n * r.numel * r.pair_bytes, n, level)
     else:  # rings of collective-permutes; hierarchical's first ring stays inside a node
@@ -406,14 +447,19 @@ def _slowest_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, p
   return max(per_replica, key=lambda x: x[0])
 
 
-def _pipe_grads_time(m: cm.ModelSpec, c: Cluster, plan: Plan, width: int, groups: dict) -> float:
-  """Seconds to sum the shared gradients and gather the stages' block gradients over pipe."""
+def _pipe_grads_time(m: cm.ModelSpec, c: Cluster, plan: Plan, width: int, groups: dict,
+                     local: bool) -> float:
+  """Seconds to sum the shared gradients over pipe and, unless stages are stage-local,
+  gather the stages' block gradients."""
   p, t = plan.pipe, plan.tensor
   if p == 1:
     return 0.0
   lvl = groups["pipe"][1]
-  return (collective_time(c, "all-reduce", 4 * arithmetic.shared_params(m, t), p, lvl)
-          + collective_time(c, "all-gather", 4 * p * width * arithmetic.block_params(m, t), p, lvl))
+  shared = collective_time(c, "all-reduce", 4 * arithmetic.shared_params(m, t), p, lvl)
+  if local:  # each stage keeps (and updates) its own blocks' gradients
+    return shared
+  return shared + collective_time(c, "all-gather", 4 * p * width * arithmetic.block_params(m, t),
+                                  p, lvl)
 
 
 def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bool = False) -> Result:
@@ -434,10 +480,10 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
                         np.where(ops == schedules.BWD, costs.tp_bwd, 0.0)).max(axis=1).sum())
   compute_s = float(tick_comp.sum())
   p2p_s = costs.p2p * sched.ticks if p > 1 else 0.0
-  pipe_grads = _pipe_grads_time(m, c, plan, width, groups)
+  pipe_grads = _pipe_grads_time(m, c, plan, width, groups, stage_local(plan, sizes))
   dp, comp_s, dp_bytes = _data_parallel(m, c, plan, width, groups)
   n_dev = c.devices
-  opt = cm.optimizer_time(c, local_params(m, plan.tensor))
+  opt = cm.optimizer_time(c, state_params(m, plan, sizes)["updated"])
   if c.shared_host:  # every device's optimizer and compression run on the same cores
     g = cm.host_speedup(c, n_dev)
     opt, comp_s = max(opt * n_dev / g, opt), max(comp_s * n_dev / g, comp_s)
