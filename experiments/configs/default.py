@@ -22,9 +22,11 @@ def get_config(arg=None):
       temperature=0.0))  # > 0: cosine-similarity scores / temperature
   # Used when mesh.pipe > 1: schedule 'gpipe' | '1f1b'; microbatches per data replica;
   # stage_layers: blocks per stage, e.g. (1, 3, 3, 1) (empty: as even as possible);
-  # remat: recompute each block's activations in the backward.
+  # remat: recompute each block's activations in the backward; stage_local: with even stages
+  # (and no adaptive balancing) each stage stores only its own blocks and their optimizer
+  # state (False: every stage holds every block, as uneven or adaptive stages do).
   c.pipeline = ml_collections.ConfigDict(dict(schedule="1f1b", microbatches=4, stage_layers=(),
-                                              remat=False))
+                                              remat=False, stage_local=True))
   # Data parallelism beyond GSPMD's all-reduce (rec_llm/train/dp_step.py). mode: 'sync' |
   # 'stale' (staleness tau) | 'local_sgd' (local_steps H, DiLoCo outer Nesterov step);
   # aggregator: 'psum' | 'ring' | 'hierarchical' (group = devices per node) | 'sparse';

@@ -227,12 +227,13 @@ def check_zero(config: ConfigDict, data: int, pipe: int) -> None:
 
 
 def stage_local(config: ConfigDict, shape) -> bool:
-  """Whether each pipeline stage stores only its own blocks: with pipe > 1, an even partition
-  (the canonical [L, ...] blocks then split into the stages' contiguous blocks) and no
-  adaptive re-partitioning (which would move blocks between stages mid-run)."""
-  pipe, layers = shape[2], config.model.num_layers
-  sizes = schedules.stage_sizes(layers, pipe, pipeline_config(config)["stage_layers"])
-  return pipe > 1 and len(set(sizes)) == 1 and not config.balance.adaptive
+  """Whether each pipeline stage stores only its own blocks: with pipe > 1 and
+  pipeline.stage_local, an even partition (the canonical [L, ...] blocks then split into the
+  stages' contiguous blocks) and no adaptive re-partitioning (which would move blocks
+  between stages mid-run)."""
+  pipe, layers, p = shape[2], config.model.num_layers, pipeline_config(config)
+  sizes = schedules.stage_sizes(layers, pipe, p["stage_layers"])
+  return pipe > 1 and p["stage_local"] and len(set(sizes)) == 1 and not config.balance.adaptive
 
 
 def check_pipeline(config: ConfigDict, data: int, pipe: int) -> None:
@@ -244,8 +245,9 @@ def check_pipeline(config: ConfigDict, data: int, pipe: int) -> None:
   mbs = p["microbatches"]
   if not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1:
     raise ConfigError(f"pipeline.microbatches={mbs!r} must be a positive integer")
-  if not isinstance(p["remat"], bool):
-    raise ConfigError(f"pipeline.remat={p['remat']!r} must be True or False")
+  for key in ("remat", "stage_local"):
+    if not isinstance(p[key], bool):
+      raise ConfigError(f"pipeline.{key}={p[key]!r} must be True or False")
   sizes = p["stage_layers"]
   if sizes:
     if any(not isinstance(n, int) or n < 1 for n in sizes):
