@@ -3,6 +3,7 @@ program's memory analysis, beside the analytic count, in JSON.
 
   python -m benchmarks.memory [--config=experiments/configs/default.py] \
       [--layouts=8x1x1:0,8x1x1:1,8x1x1:3,4x2x1:0,4x2x1:1,4x2x1:3,2x2x2:0,2x2x2:1,1x4x2:0,2x1x4:0,2x1x4:1] \
+      [--budget_mib=256 --widths=256,512 --fit_layouts=8x1x1:0,8x1x1:1,8x1x1:3,4x2x1:1,2x2x2:0:0,2x2x2:1] \
       [--out=benchmarks/results/memory.json]
 
 Per device: parameters and optimizer state as held (bytes of device 0's shards) and as
@@ -10,6 +11,12 @@ rec_llm/models/arithmetic.py counts them (float32; AdamW: two moments per parame
 compiled step's arguments (state + batch), temporaries (activations, gradients, collective
 buffers) and peak = arguments + outputs - aliases + temporaries. With even pipeline stages
 (and no adaptive re-partitioning) each stage holds only its own blocks.
+
+The largest model under a per-device budget: for each fit layout (`:0` after the zero
+stage: pipeline.stage_local=False) and width (d_model, heads and MLP scaled with it), the
+most blocks (a multiple of pipe) whose compiled step's peak fits --budget_mib, found from
+the compiled programs alone (abstract state): two compiles fit peak = a + b x blocks, then
+compiles at the predicted count and one stage more confirm the largest that fits.
 """
 
 import math
@@ -23,7 +30,8 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from rec_llm.models import arithmetic
-from rec_llm.parallel import mesh as mesh_lib
+from rec_llm.parallel import mesh as mesh_lib, sharding
+from rec_llm.sim import cost_model as cm
 from rec_llm.sim.measure import held_bytes, memory_of
 from rec_llm.train import config_check, trainer
 
@@ -32,6 +40,11 @@ _LAYOUTS = flags.DEFINE_list(
     "layouts", ["8x1x1:0", "8x1x1:1", "8x1x1:3", "4x2x1:0", "4x2x1:1", "4x2x1:3", "2x2x2:0",
                 "2x2x2:1", "1x4x2:0", "2x1x4:0", "2x1x4:1"], "data x tensor x pipe : dp.zero.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/memory.json", "Output JSON path.")
+_BUDGET = flags.DEFINE_float("budget_mib", 256, "Per-device budget for the largest model.")
+_WIDTHS = flags.DEFINE_list("widths", ["256", "512"], "d_model values for the largest model.")
+_FIT = flags.DEFINE_list("fit_layouts", ["8x1x1:0", "8x1x1:1", "8x1x1:3", "4x2x1:1",
+                                         "2x2x2:0:0", "2x2x2:1"],
+                         "Layouts (mesh:zero[:stage_local]) for the largest model; empty: skip.")
 
 
 def analytic_bytes(mc, data, tensor, zero, moments, stage_blocks=None) -> dict:
@@ -61,6 +74,53 @@ def measure(config, shape, zero) -> dict:
           "compiled": memory_of(compiled)}
 
 
+def _layout_config(config, spec: str, width: int, blocks: int):
+  """The config of a fit layout (mesh:zero[:stage_local]) at this width and depth."""
+  mesh, zero, local = (spec.split(":") + ["0", "1"])[:3]
+  config = config.copy_and_resolve_references()
+  config.mesh.update(dict(zip(mesh_lib.MESH_AXES, (int(x) for x in mesh.split("x")))))
+  config.dp.zero, config.pipeline.stage_local = int(zero), local == "1"
+  config.model.update(num_layers=blocks, d_model=width, mlp_dim=4 * width)
+  return config
+
+
+def compiled_peak(config) -> int:
+  """Peak bytes per device of the compiled step (abstract state: nothing is allocated)."""
+  run = trainer.build(config, init=False)
+  with sharding.activate(run.mesh):
+    compiled = run.train_step.lower(run.abstract_state,
+                                    run.batches.spec(max(run.batches.widths))).compile()
+  return memory_of(compiled)["peak_bytes"]
+
+
+def largest_model(config, spec: str, width: int, budget: float) -> dict:
+  """The most blocks (a multiple of pipe) at this width whose step's peak fits `budget`:
+  a line through two compiles guesses it, compiles settle it (n fits, n + pipe does not)."""
+  step = _layout_config(config, spec, width, 1).mesh.pipe
+  peak = {}
+
+  def at(n):
+    if n not in peak:
+      peak[n] = compiled_peak(_layout_config(config, spec, width, n))
+    return peak[n]
+
+  slope = (at(2 * step) - at(step)) / step
+  blocks = max(step, int((budget - at(step)) / slope) // step * step)
+  while True:
+    if at(blocks) > budget and blocks > step:
+      blocks -= step
+    elif at(blocks + step) <= budget:
+      blocks += step
+    else:
+      break
+  fits = at(blocks) <= budget
+  counts = arithmetic.count_params(cm.ModelSpec.from_config(
+      _layout_config(config, spec, width, blocks)))
+  return {"layout": spec, "width": width, "blocks": blocks if fits else 0,
+          "params": sum(counts.values()) if fits else 0, "peak_bytes": peak[blocks],
+          "compiles": len(peak), "peak_by_blocks": {str(k): v for k, v in sorted(peak.items())}}
+
+
 def main(argv):
   del argv
   rows = []
@@ -74,7 +134,16 @@ def main(argv):
           f"(analytic {mib(row['analytic']['opt_state'])})  args {mib(row['compiled']['argument_bytes'])}"
           f"  temp {mib(row['compiled']['temp_bytes'])}  peak {mib(row['compiled']['peak_bytes'])} MiB",
           flush=True)
-  common.write(_OUT.value, {"config": _CONFIG.value.to_dict(), "rows": rows})
+  budget = _BUDGET.value * 2**20
+  fits = []
+  for spec in _FIT.value:
+    for width in (int(w) for w in _WIDTHS.value):
+      fits.append(largest_model(_CONFIG.value, spec, width, budget))
+      r = fits[-1]
+      print(f"{spec} width {width}: {r['blocks']} blocks, {r['params'] / 1e6:.2f}M parameters, "
+            f"peak {r['peak_bytes'] / 2**20:.1f} MiB ({r['compiles']} compiles)", flush=True)
+  common.write(_OUT.value, {"config": _CONFIG.value.to_dict(), "rows": rows,
+                            "budget_mib": _BUDGET.value, "largest_model": fits})
 
 
 if __name__ == "__main__":

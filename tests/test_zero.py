@@ -108,15 +108,16 @@ def test_state_rules_split_only_embed():
       k: v for k, v in sharding.LOGICAL_RULES if k != "embed"}
 
 
-@pytest.mark.parametrize("layers,stage_layers,adaptive,local",
-                         [(4, (), False, True), (5, (2, 1, 1, 1), False, False),
-                          (4, (), True, False)], ids=["even", "uneven", "adaptive"])
-def test_pipeline_stages_hold_only_their_blocks(layers, stage_layers, adaptive, local):
+@pytest.mark.parametrize("layers,stage_layers,adaptive,switch,local",
+                         [(4, (), False, True, True), (5, (2, 1, 1, 1), False, True, False),
+                          (4, (), True, True, False), (4, (), False, False, False)],
+                         ids=["even", "uneven", "adaptive", "switched_off"])
+def test_pipeline_stages_hold_only_their_blocks(layers, stage_layers, adaptive, switch, local):
   # Even stages keep only their own blocks (and moments); uneven or re-balanced ones, for
-  # now, every block.
+  # now, every block, as does pipeline.stage_local=False.
   c = _config(0, (2, 1, 4))
   c.model.num_layers = layers
-  c.pipeline.stage_layers = stage_layers
+  c.pipeline.update(stage_layers=stage_layers, stage_local=switch)
   c.balance.adaptive = adaptive
   run = trainer.build(c)
   blocks = run.state.params["blocks"]
