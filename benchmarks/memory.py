@@ -7,19 +7,18 @@ program's memory analysis, beside the analytic count, in JSON.
       [--out=benchmarks/results/memory.json]
 
 Per device: parameters and optimizer state as held (bytes of device 0's shards) and as
-rec_llm/models/arithmetic.py counts them (float32; AdamW: two moments per parameter); the
+the simulator counts them (sim.state_params; float32; AdamW: two moments per parameter); the
 compiled step's arguments (state + batch), temporaries (activations, gradients, collective
 buffers) and peak = arguments + outputs - aliases + temporaries. With even pipeline stages
 (and no adaptive re-partitioning) each stage holds only its own blocks.
 
 The largest model under a per-device budget: for each fit layout (`:0` after the zero
-stage: pipeline.stage_local=False) and width (d_model, heads and MLP scaled with it), the
+stage: pipeline.stage_local=False) and width (d_model, with the MLP at 4 x d_model), the
 most blocks (a multiple of pipe) whose compiled step's peak fits --budget_mib, found from
 the compiled programs alone (abstract state): two compiles fit peak = a + b x blocks, then
 compiles at the predicted count and one stage more confirm the largest that fits.
 """
 
-import math
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -30,8 +29,8 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from rec_llm.models import arithmetic
-from rec_llm.parallel import mesh as mesh_lib, sharding
-from rec_llm.sim import cost_model as cm
+from rec_llm.parallel import mesh as mesh_lib, schedules, sharding
+from rec_llm.sim import cost_model as cm, simulator as sim
 from rec_llm.sim.measure import held_bytes, memory_of
 from rec_llm.train import config_check, trainer
 
@@ -47,12 +46,15 @@ _FIT = flags.DEFINE_list("fit_layouts", ["8x1x1:0", "8x1x1:1", "8x1x1:3", "4x2x1
                          "Layouts (mesh:zero[:stage_local]) for the largest model; empty: skip.")
 
 
-def analytic_bytes(mc, data, tensor, zero, moments, stage_blocks=None) -> dict:
-  """float32 parameters and optimizer moments on one device (the step count excluded);
-  `stage_blocks`: the blocks a stage holds when they are stage-local (None: all)."""
-  count = lambda split: sum(math.prod(s) for s in arithmetic.param_shapes(
-      mc, tensor=tensor, layers=stage_blocks, data=data if split else 1).values())
-  return {"params": 4 * count(zero == 3), "opt_state": 4 * moments * count(zero >= 1)}
+def analytic_bytes(config, shape, zero, moments, local) -> dict:
+  """float32 parameters and optimizer moments on one device (the step count excluded), as
+  the simulator counts the state (sim.state_params)."""
+  sizes = schedules.stage_sizes(config.model.num_layers, shape[2],
+                                config_check.pipeline_config(config)["stage_layers"])
+  plan = sim.Plan(data=shape[0], tensor=shape[1], pipe=shape[2], zero=zero, stage_local=local,
+                  stage_layers=sizes)
+  held = sim.state_params(cm.ModelSpec.from_config(config), plan, sizes)
+  return {"params": 4 * held["params"], "opt_state": 4 * moments * held["updated"]}
 
 
 def measure(config, shape, zero) -> dict:
@@ -69,8 +71,7 @@ def measure(config, shape, zero) -> dict:
                    "opt_state": held_bytes(run.state.opt_state),
                    "batch": held_bytes(batch)},
           "stage_local": local,
-          "analytic": analytic_bytes(run.model_cfg, shape[0], shape[1], zero, moments,
-                                     config.model.num_layers // shape[2] if local else None),
+          "analytic": analytic_bytes(config, shape, zero, moments, local),
           "compiled": memory_of(compiled)}
 
 

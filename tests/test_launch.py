@@ -55,6 +55,13 @@ def test_two_processes_match_one_process(tmp_path):
   assert p3.returncode == 0, p3.stderr[-3000:]
   numerics.check_close("losses", _losses(sharded), _losses(one),
                        LAYOUT_RTOL * np.abs(_losses(one)))
+  # ZeRO-3 / FSDP across processes: data=4 x tensor=2, every parameter split over data
+  # (two data shards per process) and gathered block by block.
+  fsdp = str(tmp_path / "fsdp")
+  p4 = run_trainer(ARGS + ["--config.dp.zero=3", "--config.mesh.data=4", "--config.mesh.pipe=1",
+                           f"--workdir={fsdp}"], timeout=180, launcher=2)
+  assert p4.returncode == 0, p4.stderr[-3000:]
+  numerics.check_close("losses", _losses(fsdp), _losses(one), LAYOUT_RTOL * np.abs(_losses(one)))
 
 
 def _children(pid):

@@ -93,6 +93,7 @@ def test_plan_defaults_mirror_the_default_config():
   dp, plan = default.get_config().dp, sim.Plan()
   assert (plan.compression, plan.aggregator, plan.dp_mode, plan.zero) == (
       dp.compression.kind, dp.aggregator, dp.mode, dp.zero)
+  assert plan.stage_local == default.get_config().pipeline.stage_local
   assert (plan.ratio, plan.bits, plan.rank) == (
       dp.compression.ratio, dp.compression.bits, dp.compression.rank)
 

@@ -58,6 +58,7 @@ class Plan:
   local_steps: int = 1            # 'local_sgd': steps between synchronisations
   aggregator: str = "psum"        # 'psum' | 'ring' | 'hierarchical' | 'sparse'
   zero: int = 0                   # dp.zero: 0 replicated, 1 optimizer state, 3 parameters too
+  stage_local: bool = True        # pipeline.stage_local (applies to even stages)
 
   @property
   def mesh(self) -> str:
@@ -270,7 +271,7 @@ class Result:
 def stage_local(plan: Plan, sizes) -> bool:
   """Whether each stage stores only its own blocks, as the trainer decides
   (config_check.stage_local): pipe > 1 with even stages (plans are static partitions)."""
-  return plan.pipe > 1 and len(set(sizes)) == 1
+  return plan.stage_local and plan.pipe > 1 and len(set(sizes)) == 1
 
 
 def state_params(m: cm.ModelSpec, plan: Plan, sizes) -> dict:
