@@ -23,7 +23,9 @@ Design (why):
   Otherwise every stage holds every block and gathers its own.
 - Each stage gathers its own blocks into [max_stage_layers, ...] slots and runs the first
   `count` of them in a while loop (`count` is per stage, so traced), taking each block's
-  `jax.vjp` and writing its residuals in place into a buffer; the backward is a second
+  `jax.vjp` and writing its residuals in place into a buffer, all but the block's own
+  weights (the vjp keeps them as residuals; the backward re-reads them from the stage's
+  blocks, so no in-flight microbatch holds a weight copy); the backward is a second
   while loop over the same slots, last first. A stage with fewer blocks pays nothing for the
   padding slots. (Differentiating a scan over all slots with a `lax.cond` per slot instead
   zero-fills the skipped slots' residuals: a padding slot then cost about 45% of a block
@@ -91,23 +93,39 @@ def _tree_zeros(shapes):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
-def block_residuals(layer_fn, sp, x_shape, mb):
-  """(treedef, leaf shapes) of one block's vjp residuals."""
-  treedef = []
+class BlockResiduals(NamedTuple):
+  """How a stage stores one block's vjp residuals: `treedef` of the pullback; `from_params`,
+  per pullback leaf, the index of the block parameter leaf it is (a weight, which the
+  backward re-reads from the stage's own blocks, so the buffers hold no weight copies) or
+  -1; `stored`, the shapes of the other leaves, which the buffers hold."""
+  treedef: Any
+  from_params: tuple
+  stored: list
+
+
+def _param_index(leaves, p) -> tuple:
+  params = jax.tree.leaves(p)
+  return tuple(next((i for i, q in enumerate(params) if r is q), -1) for r in leaves)
+
+
+def block_residuals(layer_fn, sp, x_shape, mb) -> BlockResiduals:
+  """One block's BlockResiduals (traced abstractly)."""
+  found = []
 
   def leaves():
     p = jax.tree.map(lambda a: a[0], sp)
     x = jnp.zeros(x_shape.shape, x_shape.dtype)
     out, tdef = jax.tree.flatten(jax.vjp(lambda p_, x_: layer_fn(p_, x_, mb), p, x)[1])
-    treedef.append(tdef)
-    return out
-  shapes = jax.eval_shape(leaves)
-  return treedef[0], shapes
+    found.append((tdef, _param_index(out, p)))
+    return [r for r, k in zip(out, found[0][1]) if k < 0]
+  stored = jax.eval_shape(leaves)
+  return BlockResiduals(found[0][0], found[0][1], stored)
 
 
-def blocks_forward(layer_fn, sp, x, mb, count, res, slot):
+def blocks_forward(layer_fn, sp, x, mb, count, res, slot, from_params):
   """The stage's first `count` blocks of `sp` ([width, ...] slots) on x; each block's vjp
-  residuals go to res[slot, j] (res: leaves [in_flight, width, ...]).
+  residuals, but the weights (`from_params`, BlockResiduals), go to res[slot, j] (res:
+  leaves [in_flight, width, ...]).
 
   `count` is traced (it is per stage), so this is a while loop: the padding slots of a
   stage shorter than the longest cost nothing, forward or backward, and the residuals are
@@ -118,17 +136,24 @@ def blocks_forward(layer_fn, sp, x, mb, count, res, slot):
     x, res = carry
     p = jax.tree.map(lambda a: a[j], sp)
     y, vjp_fn = jax.vjp(lambda p_, x_: layer_fn(p_, x_, mb), p, x)
-    return y, [b.at[slot, j].set(r) for b, r in zip(res, jax.tree.leaves(vjp_fn))]
+    leaves = jax.tree.leaves(vjp_fn)
+    if _param_index(leaves, p) != from_params:  # at trace time: the layout must not drift
+      raise AssertionError("a block's vjp residuals changed between traces")
+    kept = [r for r, k in zip(leaves, from_params) if k < 0]
+    return y, [b.at[slot, j].set(r) for b, r in zip(res, kept)]
   return lax.fori_loop(0, count, body, (x, res))
 
 
-def blocks_backward(treedef, res, slot, count, dy, g_sp):
-  """Backward of `blocks_forward` from its stored residuals, last block first: (dx, g_sp
-  with each block's gradient added at its slot)."""
+def blocks_backward(br: BlockResiduals, sp, res, slot, count, dy, g_sp):
+  """Backward of `blocks_forward` from its stored residuals and the blocks' own weights,
+  last block first: (dx, g_sp with each block's gradient added at its slot)."""
   def body(k, carry):
     dy, g_sp = carry
     j = count - 1 - k
-    g_p, dx = jax.tree.unflatten(treedef, [b[slot, j] for b in res])(dy)
+    weights = jax.tree.leaves(jax.tree.map(lambda a: a[j], sp))
+    stored = iter([b[slot, j] for b in res])
+    leaves = [weights[i] if i >= 0 else next(stored) for i in br.from_params]
+    g_p, dx = jax.tree.unflatten(br.treedef, leaves)(dy)
     return dx, jax.tree.map(lambda acc, g: acc.at[j].add(g), g_sp, g_p)
   return lax.fori_loop(0, count, body, (dy, g_sp))
 
@@ -150,7 +175,7 @@ class Stage:
   """What one stage's ticks share: constant over the schedule (inside the shard_map)."""
   fns: StageFns
   layer_fn: Callable
-  treedef: Any              # of one block's vjp residuals
+  residuals: BlockResiduals  # how one block's vjp residuals are stored
   shared: Any               # shared parameters (embedding, head)
   sp: Any                   # this stage's blocks, [width, ...] slots
   mbatch: Any               # the replica's batch as [microbatches, rows, ...]
@@ -168,7 +193,7 @@ class Stage:
 
 class Carry(NamedTuple):
   """A stage's state between ticks."""
-  res: list          # per residual leaf: [in_flight, width, ...] vjp residuals of its blocks
+  res: list          # per stored residual leaf: [in_flight, width, ...] of its blocks
   act: jax.Array     # [act_slots, rows, seq, d] activations received, not yet consumed
   grad: jax.Array    # [k_grad, rows, seq, d] gradients received (last stage: its outputs)
   g_sp: Any          # gradients of the stage's block slots
@@ -196,7 +221,7 @@ def _forward_op(st: Stage, c: Carry, fwd, i, mb) -> tuple[jax.Array, Carry]:
   x = control.run_if(is_first & fwd, lambda _: st.fns.first(st.shared, mb),
                      c.act[i % st.sched.act_slots])
   y, res = blocks_forward(st.layer_fn, st.sp, x, mb, jnp.where(fwd, st.count, 0), c.res,
-                          i % st.sched.in_flight)
+                          i % st.sched.in_flight, st.residuals.from_params)
   y = jnp.where(fwd, y, 0)
   g = i % st.k_grad
   grad = c.grad.at[g].set(jnp.where(is_last & fwd, y, c.grad[g]))
@@ -219,7 +244,7 @@ def _head_op(st: Stage, c: Carry, bwd, i, mb) -> tuple[jax.Array, Carry]:
 
 def _backward_op(st: Stage, c: Carry, bwd, i, mb, dy) -> tuple[jax.Array, Carry]:
   """This tick's backward (zero blocks when it is not one): (input gradient, carry)."""
-  dx, g_sp = blocks_backward(st.treedef, c.res, i % st.sched.in_flight,
+  dx, g_sp = blocks_backward(st.residuals, st.sp, c.res, i % st.sched.in_flight,
                              jnp.where(bwd, st.count, 0), dy, c.g_sp)
   dx = jnp.where(bwd, dx, 0)
   g_sh = control.run_if((st.stage == 0) & bwd,
@@ -273,11 +298,11 @@ def _stage_loop(fns, layer_fn, sched, index, counts, layers, shared, batch, scal
   x_shape = jax.eval_shape(fns.first, shared, mb0)
   head_shape = jax.eval_shape(head_value_and_grad(fns), shared,
                               jnp.zeros(x_shape.shape, x_shape.dtype), mb0)
-  treedef, res_shape = block_residuals(layer_fn, sp, x_shape, mb0)
-  st = Stage(fns, layer_fn, treedef, shared, sp, mbatch, jnp.asarray(counts)[stage], stage,
+  br = block_residuals(layer_fn, sp, x_shape, mb0)
+  st = Stage(fns, layer_fn, br, shared, sp, mbatch, jnp.asarray(counts)[stage], stage,
              nstages, scale, sched, paxis)
   c, _ = lax.scan(lambda c, row: (tick(st, c, row), None),
-                  init_carry(st, x_shape, res_shape, head_shape[0][1]),
+                  init_carry(st, x_shape, br.stored, head_shape[0][1]),
                   (jnp.asarray(sched.op), jnp.asarray(sched.mb)))
   # One data-parallel reduction per step, then the shared params (used by the first and
   # last stages) summed over stages.
@@ -366,18 +391,18 @@ def stage_programs(fns: StageFns, shared, mb, stage_layers, remat: bool = False)
 
   @jax.jit
   def fwd(layers, shared, stage):
-    sp, count, (_, res_shape) = slots(layers, stage)
-    res = [lax.empty((1, index.shape[1]) + r.shape, r.dtype) for r in res_shape]
+    sp, count, br = slots(layers, stage)
+    res = [lax.empty((1, index.shape[1]) + r.shape, r.dtype) for r in br.stored]
     x = lax.cond(stage == 0, lambda: fns.first(shared, mb), lambda: zeros_x)
-    return blocks_forward(layer_fn, sp, x, mb, count, res, 0)
+    return blocks_forward(layer_fn, sp, x, mb, count, res, 0, br.from_params)
 
   @jax.jit
   def bwd(layers, shared, stage, y, res):
-    sp, count, (treedef, _) = slots(layers, stage)
+    sp, count, br = slots(layers, stage)
     (_, _), (g_sh, dy) = lax.cond(stage == last, lambda: head_vg(shared, y, mb),
                                   lambda: _tree_zeros(head_shape))
     dy = jnp.where(stage == last, dy, 1.0)
-    dx, g_sp = blocks_backward(treedef, res, 0, count, dy, jax.tree.map(jnp.zeros_like, sp))
+    dx, g_sp = blocks_backward(br, sp, res, 0, count, dy, jax.tree.map(jnp.zeros_like, sp))
     return g_sp, lax.cond(stage == 0, lambda: embed_backward(fns, shared, mb, dx, g_sh),
                           lambda: g_sh)
   return fwd, bwd

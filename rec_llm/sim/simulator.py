@@ -314,8 +314,6 @@ def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> dict
                             and plan.data > 1 else 0.0)}
   if p > 1:
     sched = _schedule(plan.schedule, p, plan.microbatches)
-    # residuals per in-flight microbatch: activations and the slots' weight copies
-    per_mb += width * arithmetic.block_params(m, t) * 4
     out["activations"] = sched.in_flight * per_mb + transient
     out["pipeline_buffers"] = (sched.act_slots + max(sched.grad_slots, sched.in_flight)) * \
         n * m.d_model * m.act_bytes
@@ -489,8 +487,9 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
     g = cm.host_speedup(c, n_dev)
     opt, comp_s = max(opt * n_dev / g, opt), max(comp_s * n_dev / g, comp_s)
   mem = memory(m, batch, c, plan, sizes)
-  # The pipeline's in-flight residuals (ring buffers of activations and weight copies) are
-  # written and read outside the cache, once a step: on a shared host all devices' add up.
+  # The pipeline's in-flight residuals (ring buffers of activations; the backward re-reads
+  # the weights, pipeline.BlockResiduals) are written and read outside the cache, once a
+  # step: on a shared host all devices' add up.
   buffers_s = 0.0
   if p > 1:
     buffers_s = c.pipe_buffer_s_per_byte * mem["activations"] * (n_dev if c.shared_host else 1)
