@@ -8,10 +8,13 @@ mean of the replicas' steps) equals synchronous SGD up to the same reordering.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from rec_llm.errors import ConfigError
+from rec_llm.parallel import control, hlo_stats
 from rec_llm.train import config_check, trainer
 from tests import numerics
 from tests.helpers import LAYOUT_RTOL, step_losses, tiny_config
@@ -115,3 +118,19 @@ def test_bad_dp_settings(dp, needle):
   with pytest.raises(ConfigError) as e:
     config_check.check(_config(**dp), 8)
   assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("pred", [True, False])
+def test_run_if_runs_at_most_once_and_counts_once(pred):
+  """control.run_if's collectives run when pred holds, and hlo_stats counts them once (as
+  a conditional's, as if taken), not as a loop of unknown trip count (which it refuses)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  f = jax.jit(jax.shard_map(lambda x, p: control.run_if(p, lambda v: jax.lax.psum(v, "data"), x),
+                            mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"),
+                            check_vma=False))
+  x = jnp.arange(8.0)
+  np.testing.assert_array_equal(f(x, pred), np.tile(x[:4] + x[4:], 2) if pred else x)
+  text = f.lower(x, pred).compile().as_text()
+  sums = [(c.count, c.payload) for c in hlo_stats.collectives(text, {"data": 2})
+          if c.kind == "all-reduce"]
+  assert sums == [(1, 16)]
