@@ -17,6 +17,7 @@ damaged but mismatched: a `ConfigError` names the differing leaves and the confi
 behind them (the saved config is in the checkpoint), and nothing is moved.
 """
 
+import logging as std_logging
 import os
 import shutil
 import sys
@@ -46,14 +47,26 @@ class Unreadable(Exception):
   """A checkpoint step that cannot be used (damaged files, bad metadata, non-finite)."""
 
 
+class _AbandonedReads(std_logging.Filter):
+  """asyncio's 'Task exception was never retrieved' for the sibling reads of a failed
+  TensorStore read (orbax gathers them; the first failure is the one reported)."""
+
+  def filter(self, record) -> bool:
+    msg = record.getMessage()
+    return not (msg.startswith("Task exception was never retrieved")
+                and "tensorstore" in msg.lower())
+
+
 def _quiet_closed_loops() -> None:
   """After a failed read, TensorStore's callbacks for the reads still in flight find the
   event loop of orbax's call closed and raise 'Event loop is closed' as unraisable
-  exceptions, dozens of tracebacks that bury the warning (or the one `error:` line).
-  They are harmless (the read already failed); drop exactly those, pass on the rest."""
+  exceptions, and its sibling reads' failures are logged by asyncio as never retrieved:
+  dozens of tracebacks that bury the warning (or the one `error:` line). They are harmless
+  (the read already failed); drop exactly those, pass on the rest."""
   previous = sys.unraisablehook
   if getattr(previous, "_rec_llm_quiet", False):
     return
+  std_logging.getLogger("asyncio").addFilter(_AbandonedReads())
 
   def hook(unraisable):
     if not (unraisable.exc_type is RuntimeError and
