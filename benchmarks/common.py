@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from experiments import provenance as provenance_lib
+from rec_llm.parallel import mesh as mesh_lib
 
 ROOT = provenance_lib.ROOT
 provenance = provenance_lib.provenance  # command, git commit, jax version, device kind, ...
@@ -19,6 +20,22 @@ def write(path: str, result: dict) -> None:
     json.dump({"provenance": provenance(), **result}, f, indent=2)
   os.replace(path + ".tmp", path)  # never a half-written result
   print(f"wrote {path}")
+
+
+def layout(spec: str) -> tuple[tuple[int, ...], int, bool]:
+  """'DxTxP[:zero[:stage_local 0/1]]' -> (mesh shape, dp.zero, pipeline.stage_local)."""
+  parts = spec.split(":")
+  mesh, zero, local = parts[0], (parts[1:2] or ["0"])[0], (parts[2:3] or ["1"])[0]
+  return tuple(int(x) for x in mesh.split("x")), int(zero), bool(int(local))
+
+
+def layout_config(config, spec: str):
+  """A copy of `config` on the layout `spec` (see `layout`)."""
+  shape, zero, local = layout(spec)
+  config = config.copy_and_resolve_references()
+  config.mesh.update(dict(zip(mesh_lib.MESH_AXES, shape)))
+  config.dp.zero, config.pipeline.stage_local = zero, local
+  return config
 
 
 def time_steps(run, steps: int, repeats: int) -> dict:

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from rec_llm.models import arithmetic
-from rec_llm.parallel import mesh as mesh_lib, schedules, sharding
+from rec_llm.parallel import schedules, sharding
 from rec_llm.sim import cost_model as cm, simulator as sim
 from rec_llm.sim.measure import held_bytes, memory_of
 from rec_llm.train import config_check, trainer
@@ -57,10 +57,9 @@ def analytic_bytes(config, shape, zero, moments, local) -> dict:
   return {"params": 4 * held["params"], "opt_state": 4 * moments * held["updated"]}
 
 
-def measure(config, shape, zero) -> dict:
-  config = config.copy_and_resolve_references()
-  config.mesh.update(dict(zip(mesh_lib.MESH_AXES, shape)))
-  config.dp.zero = zero
+def measure(config, spec: str) -> dict:
+  shape, zero, _ = common.layout(spec)
+  config = common.layout_config(config, spec)
   run = trainer.build(config)
   batch = run.batches(0)
   compiled = run.compile().executables[batch["inputs"].shape[1]]
@@ -77,10 +76,7 @@ def measure(config, shape, zero) -> dict:
 
 def _layout_config(config, spec: str, width: int, blocks: int):
   """The config of a fit layout (mesh:zero[:stage_local]) at this width and depth."""
-  mesh, zero, local = (spec.split(":") + ["0", "1"])[:3]
-  config = config.copy_and_resolve_references()
-  config.mesh.update(dict(zip(mesh_lib.MESH_AXES, (int(x) for x in mesh.split("x")))))
-  config.dp.zero, config.pipeline.stage_local = int(zero), local == "1"
+  config = common.layout_config(config, spec)
   config.model.update(num_layers=blocks, d_model=width, mlp_dim=4 * width)
   return config
 
@@ -126,8 +122,7 @@ def main(argv):
   del argv
   rows = []
   for spec in _LAYOUTS.value:
-    mesh, zero = spec.split(":")
-    row = measure(_CONFIG.value, tuple(int(x) for x in mesh.split("x")), int(zero))
+    row = measure(_CONFIG.value, spec)
     rows.append(row)
     mib = lambda b: f"{b / 2**20:7.2f}"
     print(f"{row['mesh']} zero={row['zero']}  params {mib(row['held']['params'])} "

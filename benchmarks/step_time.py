@@ -27,7 +27,6 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from rec_llm.models.seq_transformer import flops_per_token
-from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.sim.measure import time_interleaved
 from rec_llm.train import config_check, throughput, trainer
 
@@ -39,18 +38,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (median window repor
 _OUT = flags.DEFINE_string("out", "benchmarks/results/step_time.json", "Output JSON path.")
 
 
-def layout(spec: str) -> tuple[tuple[int, ...], int, bool]:
-  mesh, zero, local = (spec.split(":") + ["0", "1"])[:3]
-  return tuple(int(x) for x in mesh.split("x")), int(zero), bool(int(local))
-
-
 def prepare(config, spec: str, devices):
   """(row, window): the layout's description and a thunk running one window of steps."""
-  shape, zero, local = layout(spec)
-  config = config.copy_and_resolve_references()
-  config.mesh.update(dict(zip(mesh_lib.MESH_AXES, shape)))
-  config.dp.zero = zero
-  config.pipeline.stage_local = local
+  shape, zero, _ = common.layout(spec)
+  config = common.layout_config(config, spec)
   run = trainer.build(config, devices[:int(np.prod(shape))])
   t = time.perf_counter()
   step = run.compile()
@@ -92,12 +83,10 @@ def main(argv):
     runs = [s / _STEPS.value for s in windows[row["layout"]]]
     step_s = float(np.median(runs))
     peak_n = peak if devices[0].platform == "cpu" else peak * row["devices"]
-    # paired: each round's window over the first layout's window of the same round
-    base = rows[0]["step_time_windows_s"] if rows else runs
     rows.append({**row, "step_time_s": step_s, "step_time_windows_s": runs,
                  "tokens_per_s": row["tokens"] / step_s,
-                 "step_time_ratio": float(np.median(np.divide(runs, base))),
                  "mfu": row["flops_per_token"] * row["tokens"] / step_s / peak_n})
+    rows[-1]["step_time_ratio"] = paired_ratio(rows, row["layout"], rows[0]["layout"])
     print(f"{row['layout']:>10}: {step_s * 1e3:8.1f} ms/step {rows[-1]['tokens_per_s']:10,.0f} tok/s"
           f"  MFU {100 * rows[-1]['mfu']:5.2f}%  ratio {rows[-1]['step_time_ratio']:.2f}")
   common.write(_OUT.value, {

@@ -358,8 +358,8 @@ def dp_reductions(m: cm.ModelSpec, plan: Plan, width: int, group: int) -> list:
     out = [payload.Reduction("psum", total)]
   if not plan.zero:
     return out
-  split = {p: math.prod(s) for p, s in whole.items()
-           if s != arithmetic.param_shapes(m, plan.tensor, layers, data=plan.data)[p]}
+  sharded = arithmetic.param_shapes(m, plan.tensor, layers, data=plan.data)
+  split = {p: math.prod(s) for p, s in whole.items() if s != sharded[p]}
   if not uses_dp_step(plan):
     kept = total - sum(split.values())
     out = [payload.Reduction("reduce_scatter", total - kept), payload.Reduction("psum", kept)]
