@@ -22,19 +22,22 @@ def write(path: str, result: dict) -> None:
   print(f"wrote {path}")
 
 
-def layout(spec: str) -> tuple[tuple[int, ...], int, bool]:
-  """'DxTxP[:zero[:stage_local 0/1]]' -> (mesh shape, dp.zero, pipeline.stage_local)."""
-  parts = spec.split(":")
-  mesh, zero, local = parts[0], (parts[1:2] or ["0"])[0], (parts[2:3] or ["1"])[0]
-  return tuple(int(x) for x in mesh.split("x")), int(zero), bool(int(local))
+def layout(spec: str) -> tuple[tuple[int, ...], int, bool, tuple[int, ...]]:
+  """'DxTxP[:zero[:stage_local 0/1[:stage_layers as 1-3-3-1]]]' -> (mesh shape, dp.zero,
+  pipeline.stage_local, pipeline.stage_layers (() for even stages))."""
+  parts = spec.split(":") + [""] * 3
+  mesh, zero, local, sizes = parts[0], parts[1] or "0", parts[2] or "1", parts[3]
+  return (tuple(int(x) for x in mesh.split("x")), int(zero), bool(int(local)),
+          tuple(int(n) for n in sizes.split("-") if n))
 
 
 def layout_config(config, spec: str):
   """A copy of `config` on the layout `spec` (see `layout`)."""
-  shape, zero, local = layout(spec)
+  shape, zero, local, sizes = layout(spec)
   config = config.copy_and_resolve_references()
   config.mesh.update(dict(zip(mesh_lib.MESH_AXES, shape)))
   config.dp.zero, config.pipeline.stage_local = zero, local
+  config.pipeline.stage_layers = sizes
   return config
 
 

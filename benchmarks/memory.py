@@ -58,7 +58,7 @@ def analytic_bytes(config, shape, zero, moments, local) -> dict:
 
 
 def measure(config, spec: str) -> dict:
-  shape, zero, _ = common.layout(spec)
+  shape, zero = common.layout(spec)[:2]
   config = common.layout_config(config, spec)
   run = trainer.build(config)
   batch = run.batches(0)
@@ -66,6 +66,7 @@ def measure(config, spec: str) -> dict:
   moments = 2 if config.train.optimizer == "adamw" else int(config.train.momentum > 0)
   local = config_check.stage_local(config, shape)
   return {"mesh": "x".join(map(str, shape)), "zero": zero,
+          "stage_layers": list(config.pipeline.stage_layers),
           "held": {"params": held_bytes(run.state.params),
                    "opt_state": held_bytes(run.state.opt_state),
                    "batch": held_bytes(batch)},

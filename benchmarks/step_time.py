@@ -40,7 +40,7 @@ _OUT = flags.DEFINE_string("out", "benchmarks/results/step_time.json", "Output J
 
 def prepare(config, spec: str, devices):
   """(row, window): the layout's description and a thunk running one window of steps."""
-  shape, zero, _ = common.layout(spec)
+  shape, zero = common.layout(spec)[:2]
   config = common.layout_config(config, spec)
   run = trainer.build(config, devices[:int(np.prod(shape))])
   t = time.perf_counter()

@@ -13,7 +13,9 @@ from tests import numerics
 from tests.conftest import ROOT
 from tests.helpers import LAYOUT_RTOL, run_trainer, subprocess_env
 
-ARGS = ["--config=experiments/configs/smoke.py", "--config.train.steps=6", "--config.train.log_every=1"]
+# 3 blocks: pipe=2 then has uneven stages (2, 1), stored stage-local as slots.
+ARGS = ["--config=experiments/configs/smoke.py", "--config.train.steps=6", "--config.train.log_every=1",
+        "--config.model.num_layers=3"]
 EVAL_USERS = smoke.get_config().data.eval_users
 
 
@@ -47,8 +49,8 @@ def test_two_processes_match_one_process(tmp_path):
   for k in want:
     numerics.check(k, abs(got[k] - want[k]), 1 / EVAL_USERS)
   # ZeRO-1 and stage-local blocks across processes: data=2 x tensor=2 x pipe=2 over 2
-  # processes x 4 devices (each stage's blocks, and each data shard of the optimizer state,
-  # on one process) computes the same losses up to reordered sums.
+  # processes x 4 devices (each stage's blocks, 2 and 1 of them, and each data shard of the
+  # optimizer state, on one process) computes the same losses up to reordered sums.
   sharded = str(tmp_path / "sharded")
   p3 = run_trainer(ARGS + ["--config.dp.zero=1", "--config.mesh.data=2", "--config.mesh.pipe=2",
                            f"--workdir={sharded}"], timeout=180, launcher=2)

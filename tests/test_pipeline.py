@@ -34,14 +34,16 @@ def _loss_and_grads(config, devices, params=None):
   """(loss, hr@10, grads, compiled, params) of the run's value_and_grad on batch 0, at
   `params` (host arrays: every layout starts from the same values) or the run's init."""
   run = trainer.build(config, devices, init=params is None)
-  params = (run.state.params if params is None else
-            jax.device_put(params, run.state_shardings.params))
+  params = (run.state.params if params is None else run.layout.stored(
+      jax.device_put(params, run.layout.canonical_shardings.params), "params"))
   f = jax.jit(lambda p, b: run.value_and_grad(p, b, run.model, run.model_cfg.num_items + 1))
   batch = run.batches(0)
   with sharding.activate(run.mesh):
     compiled = f.lower(params, batch).compile()
-  (loss, aux), grads = jax.device_get(compiled(params, batch))
-  return float(loss), float(aux["hr@10"]), grads, compiled, jax.device_get(params)
+  (loss, aux), grads = compiled(params, batch)
+  # Uneven stage-local stages: the blocks and their gradients are stage-major slots.
+  grads, params = (run.layout.canonical(t, "params") for t in (grads, params))
+  return float(loss), float(aux["hr@10"]), jax.device_get(grads), compiled, jax.device_get(params)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,9 @@ def test_pipeline_matches_single_device(reference, data, tensor, pipe, mbs, unev
 
 
 def test_train_steps_and_checkpoint_across_pipe(tmp_path):
-  """Two optimizer steps on a 2x2x2 1F1B mesh equal one device's; the state saved there
-  restores onto a pipe=1 mesh (parameters keep the canonical [L, ...] layout)."""
+  """Two optimizer steps on a 2x2x2 1F1B mesh with uneven stage-local stages equal one
+  device's; the state saved there (canonical [L, ...] layout) restores onto a pipe=1 mesh and
+  onto other uneven stages, bit for bit, their padding slots zero."""
   losses = {}
   for name, cfg, devs in [("ref", _config(), jax.devices()[:1]),
                           ("pipe", _config(2, 2, 2, "1f1b", 2, (3, 5)), jax.devices())]:
@@ -82,18 +85,25 @@ def test_train_steps_and_checkpoint_across_pipe(tmp_path):
     for i in range(2):
       state, m = step(state, run.batches(i))
       out.append(float(m["loss"]))
-    losses[name] = (out, state)
+    losses[name] = (out, run.layout.canonical(state))
+  assert run.layout.sizes == (3, 5)
   numerics.check_close("2x2x2 1f1b losses", losses["pipe"][0], losses["ref"][0],
                        LAYOUT_RTOL * np.abs(losses["ref"][0]))
   ck = checkpoint.Checkpointer(str(tmp_path))
-  ck.save(2, losses["pipe"][1], {"step": 2})
+  ck.save(2, losses["pipe"][1], {"step": 2, "data_position": 2, "elapsed_s": 0.0})
   ck.wait()
-  target = trainer.build(_config(data=2, tensor=4), jax.devices(), init=False)
-  restored, _ = ck.restore(target.abstract_state)
+  saved = jax.device_get(losses["pipe"][1])
+  for target in (_config(data=2, tensor=4), _config(2, 1, 4, "1f1b", 2, (1, 3, 3, 1))):
+    run = trainer.build(target, jax.devices(), init=False)
+    restored, _ = trainer.restore_or_init(run, ck, None)
+    back = jax.device_get(run.layout.canonical(restored))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(saved)):
+      np.testing.assert_array_equal(a, b)
+  slots = jax.device_get(restored.opt_state)  # (1, 3, 3, 1) in 4 x 3 slots
+  for x, b in zip(jax.tree.leaves(slots), jax.tree.leaves(run.layout.blocks.opt_state)):
+    if b:
+      assert x.shape[0] == 12 and not x[1:3].any() and not x[10:12].any()
   ck.close()
-  for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)),
-                  jax.tree.leaves(jax.device_get(losses["pipe"][1].params))):
-    np.testing.assert_array_equal(a, b)
 
 
 def test_schedules_bubble_and_in_flight():

@@ -21,12 +21,14 @@ from tests import numerics
 from tests.helpers import LAYOUT_RTOL, step_losses, tiny_config
 
 STEPS = 3
+# (2, 2, 2) with 3 blocks: stages of 2 and 1 (stage-local, in slots).
 CASES = [(1, (4, 2, 1)), (3, (4, 2, 1)), (1, (2, 2, 2))]
 
 
-def _config(zero, mesh):
+def _config(zero, mesh, layers=3):
   c = tiny_config(data=mesh[0], tensor=mesh[1], pipe=mesh[2])
   c.dp.zero = zero
+  c.model.num_layers = layers
   return c
 
 
@@ -108,24 +110,27 @@ def test_state_rules_split_only_embed():
       k: v for k, v in sharding.LOGICAL_RULES if k != "embed"}
 
 
-@pytest.mark.parametrize("layers,stage_layers,adaptive,switch,local",
-                         [(4, (), False, True, True), (5, (2, 1, 1, 1), False, True, False),
-                          (4, (), True, True, False), (4, (), False, False, False)],
+@pytest.mark.parametrize("layers,stage_layers,adaptive,switch,slots",
+                         [(4, (), False, True, 1), (5, (2, 1, 1, 1), False, True, 2),
+                          (4, (), True, True, 1), (4, (), False, False, 4)],
                          ids=["even", "uneven", "adaptive", "switched_off"])
-def test_pipeline_stages_hold_only_their_blocks(layers, stage_layers, adaptive, switch, local):
-  # Even stages keep only their own blocks (and moments); uneven or re-balanced ones, for
-  # now, every block, as does pipeline.stage_local=False.
+def test_pipeline_stages_hold_only_their_blocks(layers, stage_layers, adaptive, switch, slots):
+  # A stage holds its own blocks and their moments: uneven stages in max(stage_layers) slots
+  # (the padding zero); pipeline.stage_local=False keeps every block on every stage.
   c = _config(0, (2, 1, 4))
   c.model.num_layers = layers
   c.pipeline.update(stage_layers=stage_layers, stage_local=switch)
   c.balance.adaptive = adaptive
   run = trainer.build(c)
-  blocks = run.state.params["blocks"]
-  held = held_bytes(blocks)
-  assert held * (4 if local else 1) == sum(x.nbytes for x in jax.tree.leaves(blocks))
-  mu = [x for x in jax.tree.leaves(run.state.opt_state) if x.ndim and x.shape[0] == layers]
-  assert len(mu) == 2 * len(jax.tree.leaves(blocks))  # AdamW's two moments of each block leaf
-  assert held_bytes(mu) * (4 if local else 1) == sum(x.nbytes for x in mu)
-  stage_blocks = 1 if local else None
-  shapes = arithmetic.param_shapes(run.model_cfg, layers=stage_blocks)
+  one_block = 4 * arithmetic.block_params(run.model_cfg)
+  is_block = run.layout.blocks
+  blocks = [x for x, b in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(is_block.params)) if b]
+  mu = [x for x, b in zip(jax.tree.leaves(run.state.opt_state), jax.tree.leaves(is_block.opt_state))
+        if b]
+  assert len(mu) == 2 * len(blocks)  # AdamW's two moments of each block leaf
+  assert held_bytes(blocks) == slots * one_block
+  assert held_bytes(mu) == 2 * slots * one_block
+  shapes = arithmetic.param_shapes(run.model_cfg, layers=slots)
   assert 4 * sum(math.prod(s) for s in shapes.values()) == held_bytes(run.state.params)
+  canonical = run.layout.canonical(run.state.params, "params")["blocks"]
+  assert {x.shape[0] for x in jax.tree.leaves(canonical)} == {layers}

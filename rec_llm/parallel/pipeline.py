@@ -18,9 +18,10 @@ Design (why):
   reduction would be inserted inside the loop, once per microbatch. 'tensor' stays with
   GSPMD, so the Megatron sharding of the blocks and the vocab-parallel head are reused
   as they are.
-- Stage-local blocks (`stage_local`, even stages): `layers` comes in split over the stages,
-  so a stage holds (and updates) only its own L/P blocks and their gradients never leave it.
-  Otherwise every stage holds every block and gathers its own.
+- Stage-local blocks (`stage_local`): `layers` comes in as stage-major slots [P * S, ...]
+  (`to_slots`: the canonical layout itself for even stages) split over the stages, so a stage
+  holds (and updates) only its own blocks and their gradients never leave it. Otherwise
+  every stage holds every block and gathers its own.
 - Each stage gathers its own blocks into [max_stage_layers, ...] slots and runs the first
   `count` of them in a while loop (`count` is per stage, so traced), taking each block's
   `jax.vjp` and writing its residuals in place into a buffer, all but the block's own
@@ -44,8 +45,6 @@ Design (why):
   [mb, seq, vocab/tensor] logits are never stored, and a stage's forward tick is its
   blocks' forwards, its backward tick their backwards (plus the head on the last): what
   the balancer times.
-- Stored per in-flight microbatch: each block's vjp residuals, which include the block's
-  weights (a copy per microbatch; an inefficiency, not a bug).
 """
 
 import dataclasses
@@ -80,13 +79,31 @@ def stage_plan(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarr
   return np.asarray(sizes, np.int32), index, np.asarray(inverse, np.int32)
 
 
-def _unpad(stacked, counts):
-  """[P * width, ...] stage-major slots -> [L, ...] real layers, by static slices (a gather
-  with an index array would make GSPMD replicate the tensor-sharded dims)."""
-  width = stacked.shape[0] // len(counts)
-  if all(n == width for n in counts):
+def from_slots(stacked, sizes):
+  """[P * width, ...] stage-major slots -> [L, ...] real layers (the canonical layout), by
+  static slices (a gather with an index array would make GSPMD replicate the tensor-sharded
+  dims)."""
+  width = stacked.shape[0] // len(sizes)
+  if all(n == width for n in sizes):
     return stacked
-  return jnp.concatenate([stacked[s * width: s * width + n] for s, n in enumerate(counts)])
+  return jnp.concatenate([stacked[s * width: s * width + n] for s, n in enumerate(sizes)])
+
+
+def to_slots(stacked, sizes):
+  """[L, ...] canonical layers -> [P * max(sizes), ...] stage-major slots, stage s's blocks
+  first in its slots and zeros after: split evenly over the stages, each stage then holds
+  exactly its own blocks (stage-local weights over uneven stages). The padding slots never
+  run; their gradients are zero, so an optimizer step keeps them zero."""
+  width = max(sizes)
+  if all(n == width for n in sizes):
+    return stacked
+  parts, start = [], 0
+  for n in sizes:
+    parts.append(stacked[start:start + n])
+    if n < width:
+      parts.append(jnp.zeros((width - n,) + stacked.shape[1:], stacked.dtype))
+    start += n
+  return jnp.concatenate(parts)
 
 
 def _tree_zeros(shapes):
@@ -328,19 +345,18 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
     stage_layers: blocks per stage (sum L, each >= 1).
     remat: recompute each block's activations in the backward.
     layer_shardings: optional shardings of `layers` (a pytree like it) for its gradients.
-    stage_local: `layers` is split over the stages (even stages only): each stage reads only
-      its own blocks, and their gradients stay there.
+    stage_local: `layers` (and its gradients) are stage-major slots (`to_slots`) split over
+      the stages: each stage reads only its own blocks, and their gradients stay there.
 
   Returns:
-    (loss, aux_sums), (grad_layers, grad_shared), all replicated over data and stages.
+    (loss, aux_sums), (grad_layers, grad_shared), replicated over data; grad_layers in
+    `layers`' layout ([L, ...], or the slots split over stages when `stage_local`).
   """
   baxis, paxis = sharding.mesh_axis("batch"), sharding.mesh_axis("stage")
   nstages = mesh.shape[paxis]
   counts, index, _ = stage_plan(tuple(stage_layers))
   if len(counts) != nstages:
     raise ValueError(f"{len(counts)} stage sizes for {nstages} stages")
-  if stage_local and len(set(stage_layers)) != 1:
-    raise ValueError(f"stage-local blocks need even stages, got {list(stage_layers)}")
   loop = functools.partial(
       _stage_loop, fns, jax.checkpoint(fns.layer) if remat else fns.layer,
       schedules.build(schedule, nstages, microbatches), index, counts,
@@ -362,7 +378,7 @@ def value_and_grad(fns: StageFns, layers, shared, batch: dict, scale: jax.Array,
     # Gather the (padded) gradient slots here, once, into the parameters' layout; left free,
     # GSPMD runs the optimizer split over stages and gathers params and both Adam moments.
     g_slots = lax.with_sharding_constraint(g_slots, layer_shardings)
-  g_layers = jax.tree.map(lambda g: _unpad(g, counts), g_slots)
+  g_layers = g_slots if stage_local else jax.tree.map(lambda g: from_slots(g, counts), g_slots)
   if layer_shardings is not None:
     g_layers = lax.with_sharding_constraint(g_layers, layer_shardings)
   return (loss, aux), (g_layers, g_shared)

@@ -33,8 +33,8 @@ STATE_SPLIT = ("embed", "data")
 
 
 # Stage-local pipeline weights: the stacked blocks' 'layers' dim split over the stages, so a
-# stage holds only its own blocks (and their optimizer state). Only for even partitions: the
-# canonical [L, ...] layout then splits into the stages' contiguous blocks.
+# stage holds only its own blocks (and their optimizer state). Even partitions split the
+# canonical [L, ...] layout; uneven ones its stage-major slots (rec_llm/train/state_layout.py).
 STAGE_SPLIT = ("layers", "pipe")
 
 

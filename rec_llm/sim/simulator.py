@@ -58,7 +58,7 @@ class Plan:
   local_steps: int = 1            # 'local_sgd': steps between synchronisations
   aggregator: str = "psum"        # 'psum' | 'ring' | 'hierarchical' | 'sparse'
   zero: int = 0                   # dp.zero: 0 replicated, 1 optimizer state, 3 parameters too
-  stage_local: bool = True        # pipeline.stage_local (applies to even stages)
+  stage_local: bool = True        # pipeline.stage_local
 
   @property
   def mesh(self) -> str:
@@ -268,10 +268,10 @@ class Result:
             "bubble": self.bubble, "dp_bytes": self.dp_bytes, "breakdown": self.breakdown}
 
 
-def stage_local(plan: Plan, sizes) -> bool:
-  """Whether each stage stores only its own blocks, as the trainer decides
-  (config_check.stage_local): pipe > 1 with even stages (plans are static partitions)."""
-  return plan.stage_local and plan.pipe > 1 and len(set(sizes)) == 1
+def stage_local(plan: Plan) -> bool:
+  """Whether each stage stores only its own blocks (in max(sizes) slots when uneven), as
+  the trainer decides (config_check.stage_local)."""
+  return plan.stage_local and plan.pipe > 1
 
 
 def state_params(m: cm.ModelSpec, plan: Plan, sizes) -> dict:
@@ -281,7 +281,7 @@ def state_params(m: cm.ModelSpec, plan: Plan, sizes) -> dict:
   gathered copy covers). Blocks: the stage's own when stage-local, else all; tensor splits
   heads, mlp and table rows; dp.zero splits 'embed' over data (1: optimizer state, 3: the
   parameters too)."""
-  layers = max(sizes) if stage_local(plan, sizes) else m.num_layers
+  layers = max(sizes) if stage_local(plan) else m.num_layers
   count = lambda data: sum(math.prod(s) for s in arithmetic.param_shapes(
       m, plan.tensor, layers, data=data).values())
   replica, split = count(1), count(plan.data if plan.zero else 1)
@@ -307,7 +307,7 @@ def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> dict
   # block gradients before they are gathered over pipe.
   block = arithmetic.block_params(m, t)
   grads = held["replica"] if plan.zero < 3 else held["params"] + 2 * block
-  if p > 1 and not stage_local(plan, sizes):
+  if p > 1 and not stage_local(plan):
     grads += width * block
   out = {"params": 4 * held["params"], "grads": 4 * grads, "adam": 8 * held["updated"],
          "error_feedback": (4 * held["replica"] if plan.compression in payload.ERROR_FEEDBACK
@@ -479,7 +479,7 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
                         np.where(ops == schedules.BWD, costs.tp_bwd, 0.0)).max(axis=1).sum())
   compute_s = float(tick_comp.sum())
   p2p_s = costs.p2p * sched.ticks if p > 1 else 0.0
-  pipe_grads = _pipe_grads_time(m, c, plan, width, groups, stage_local(plan, sizes))
+  pipe_grads = _pipe_grads_time(m, c, plan, width, groups, stage_local(plan))
   dp, comp_s, dp_bytes = _data_parallel(m, c, plan, width, groups)
   n_dev = c.devices
   opt = cm.optimizer_time(c, state_params(m, plan, sizes)["updated"])

@@ -4,9 +4,10 @@ Every `balance.every_steps` steps the trainer measures, on one device and with t
 parameters and a real microbatch, the forward + backward time of one block, of the
 embedding and of the item head; rec_llm.sim.balance decides whether re-partitioning the
 blocks pays (predicted saving over the remaining steps > a recompile), and if so the trainer
-recompiles its step for the new `pipeline.stage_layers`. Parameters stay in the canonical
-[L, ...] layout (rec_llm/parallel/pipeline.py), so the live state moves as it is: no
-restart, no lost step, and the numbers are those of any other partition.
+recompiles its step for the new `pipeline.stage_layers`. The live state moves to the new
+partition's layout through the canonical one (rec_llm/train/state_layout.py: with
+stage-local weights, blocks and their optimizer state move between stages): no restart, no
+lost step, and the numbers are those of any other partition.
 """
 
 import time
@@ -25,7 +26,7 @@ from rec_llm.train.step import stage_fns
 def _one_device(run, state, batch):
   """Params and one microbatch on the first device; the stage functions."""
   dev = jax.devices()[0]
-  params = jax.device_put(jax.device_get(state.params), dev)
+  params = jax.device_put(jax.device_get(run.layout.canonical(state.params, "params")), dev)
   p = config_check.pipeline_config(run.config)
   rows = run.config.train.batch_size // (run.mesh.shape["data"] * p["microbatches"])
   mb = {k: jax.device_put(np.asarray(jax.device_get(v))[:rows], dev) for k, v in batch.items()}
@@ -135,8 +136,8 @@ def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple
 def rebalance(run, state, batch, done: int, compile_s: float, rebuild, step_fn, log):
   """At step `done`: re-partitions the stages if measured costs say it pays (`decide`).
 
-  Returns (run, compiled step, its compile seconds): new ones after a re-partition (`rebuild`
-  makes the run of a config), else those given. Logs the decision, and after a
+  Returns (run, compiled step, its compile seconds, state): new ones after a re-partition
+  (`rebuild` makes the run of a config; the state moves into its layout), else those given. Logs the decision, and after a
   re-partition the stage times before and after, timed afresh (not the decision's
   numbers, which picked the fastest of several)."""
   cfg = run.config
@@ -146,7 +147,9 @@ def rebalance(run, state, batch, done: int, compile_s: float, rebuild, step_fn, 
     cfg = cfg.copy_and_resolve_references()
     cfg.pipeline.stage_layers = new
     t = time.perf_counter()
-    run = rebuild(cfg)
+    old, run = run, rebuild(cfg)
+    state = jax.jit(lambda s: run.layout.to_stored(old.layout.to_canonical(s)),
+                    out_shardings=run.state_shardings)(state)
     step_fn = run.compile(state)
     compile_s = time.perf_counter() - t
     before, after = measure_stage_times(run, state, batch, (reason["current"], new),
@@ -157,7 +160,7 @@ def rebalance(run, state, batch, done: int, compile_s: float, rebuild, step_fn, 
                 "balance/stage_s_before": before, "balance/stage_s_after": after})
   logging.info("step %d balance: %s", done, reason["reason"])
   log(rec)
-  return run, step_fn, compile_s
+  return run, step_fn, compile_s, state
 
 
 def imbalance(stage_s) -> float:

@@ -227,13 +227,10 @@ def check_zero(config: ConfigDict, data: int, pipe: int) -> None:
 
 
 def stage_local(config: ConfigDict, shape) -> bool:
-  """Whether each pipeline stage stores only its own blocks: with pipe > 1 and
-  pipeline.stage_local, an even partition (the canonical [L, ...] blocks then split into the
-  stages' contiguous blocks) and no adaptive re-partitioning (which would move blocks
-  between stages mid-run)."""
-  pipe, layers, p = shape[2], config.model.num_layers, pipeline_config(config)
-  sizes = schedules.stage_sizes(layers, pipe, p["stage_layers"])
-  return pipe > 1 and p["stage_local"] and len(set(sizes)) == 1 and not config.balance.adaptive
+  """Whether each pipeline stage stores only its own blocks: pipe > 1 and
+  pipeline.stage_local (uneven and re-balanced partitions included: rec_llm/train/
+  state_layout.py)."""
+  return shape[2] > 1 and pipeline_config(config)["stage_local"]
 
 
 def check_pipeline(config: ConfigDict, data: int, pipe: int) -> None:

@@ -21,8 +21,9 @@ from rec_llm.errors import ConfigError, TrainingError
 from rec_llm.eval.ranking import Evaluator
 from rec_llm.models.seq_transformer import ModelConfig, SeqTransformer, count_params, flops_per_token
 from rec_llm.parallel import mesh as mesh_lib
-from rec_llm.parallel import sharding
-from rec_llm.train import adaptive, checkpoint, config_check, dp_step, optimizer, throughput
+from rec_llm.parallel import schedules, sharding
+from rec_llm.train import adaptive, checkpoint, config_check, dp_step, optimizer, state_layout
+from rec_llm.train import throughput
 from rec_llm.train import faults as faults_lib
 from rec_llm.train.metric_writer import MetricWriter
 from rec_llm.train.step import (TrainState, init_state, loss_fn,
@@ -44,6 +45,8 @@ class Run:
   state: TrainState | None = None
   # (params, batch, model, num_valid) -> ((loss, aux), grads): the pipeline's when pipe > 1.
   value_and_grad: Any = None
+  # The stored state beside the canonical one (checkpoints, eval, balancer): state_layout.py.
+  layout: state_layout.StateLayout | None = None
 
   def compile(self, state=None) -> "CompiledStep":
     """Ahead-of-time compile for every batch width of this run: no recompiles in the loop."""
@@ -101,7 +104,14 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   stage_local = config_check.stage_local(config, shape)
   abstract_state = jax.eval_shape(boxed, rng)
   state_shardings = state_shardings_of(abstract_state, mesh, int(config.dp.zero), stage_local)
-  make_state = lambda: nn.meta.unbox(boxed(rng))
+  sizes = schedules.stage_sizes(mc.num_layers, shape[2],
+                                config_check.pipeline_config(config)["stage_layers"])
+  layout = state_layout.make(
+      abstract_state, sizes if stage_local else None, state_shardings,
+      # Canonical blocks [L, ...] split over the stages where L divides evenly.
+      state_shardings_of(abstract_state, mesh, int(config.dp.zero),
+                         stage_local and mc.num_layers % shape[2] == 0))
+  make_state = lambda: layout.to_stored(nn.meta.unbox(boxed(rng)))
   batches = loader.BatchMaker(source, int(tc.batch_size), mesh)
   if use_dp:
     inner = sharding.tree_shardings(jax.eval_shape(
@@ -136,7 +146,7 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
   run = Run(config, mesh, mc, model, source, state_shardings, abstract, init_fn, batches, jitted,
-            value_and_grad=value_and_grad)
+            value_and_grad=value_and_grad, layout=layout)
   if init:
     run.state = init_fn()
   return run
@@ -196,17 +206,28 @@ def make_evaluator(run: Run) -> Evaluator | None:
                    seed=int(run.config.train.seed), filter_seen=bool(ev.filter_seen))
 
 
+def canonical_abstract(run: Run):
+  """The canonical state's ShapeDtypeStructs on this mesh: what checkpoints hold."""
+  if run.layout.identity:
+    return run.abstract_state
+  shapes = jax.eval_shape(lambda s: run.layout.to_canonical(s), run.abstract_state)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, run.layout.canonical_shardings)
+
+
 def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer | None, config_record: dict):
   """(state, seconds the run had already trained): the newest usable checkpoint's, or a
   fresh initialisation."""
   try:
-    restored = ckpt.restore_latest(run.abstract_state, config_record) if ckpt else None
+    restored = (ckpt.restore_latest(canonical_abstract(run), config_record) if ckpt
+                else None)
   except Exception:
     ckpt.close()  # orbax's background threads must stop before the process exits
     raise
   if restored is None:
     return run.init_fn(), 0.0
   state, meta = restored
+  state = run.layout.stored(state)
   step = int(to_host(state.step))
   if int(meta["data_position"]) != step:
     raise TrainingError(f"checkpoint {step} is inconsistent: state step {step} vs data "
@@ -341,7 +362,7 @@ def train(config: ConfigDict, workdir: str | None = None,
 
   def save(done):
     nonfinite.check(done, int(to_host(state.skipped)))  # refuse to save after a bad step
-    ckpt.save(done, state, {"step": done, "data_position": done, "elapsed_s": elapsed(),
+    ckpt.save(done, run.layout.canonical(state), {"step": done, "data_position": done, "elapsed_s": elapsed(),
                             "mesh": mesh_lib.describe(run.mesh), "config": config_record})
 
   preempt = _Preemption()
@@ -353,12 +374,12 @@ def train(config: ConfigDict, workdir: str | None = None,
       if done == start + 1 or done % tc.log_every == 0 or done == tc.steps:
         _log_step(done, tc.steps, metrics, meter, nonfinite, log)
       if balance_every and done % balance_every == 0 and done != tc.steps:
-        run, step_fn, compile_s = adaptive.rebalance(
+        run, step_fn, compile_s, state = adaptive.rebalance(
             run, state, batch, done, compile_s, lambda cfg: build(cfg, devices, init=False),
             step_fn, log)
         meter.reset()
       if eval_every and done % eval_every == 0 and done != tc.steps:
-        evaluate(evaluator, state.params, done, ["val"], log)
+        evaluate(evaluator, run.layout.canonical(state.params, "params"), done, ["val"], log)
         meter.reset()
       if ck_every and done % ck_every == 0:
         save(done)
@@ -369,7 +390,8 @@ def train(config: ConfigDict, workdir: str | None = None,
         return log.history
     done = int(to_host(state.step))
     if evaluator:
-      evaluate(evaluator, state.params, done, ["val", "test"], log)
+      evaluate(evaluator, run.layout.canonical(state.params, "params"), done, ["val", "test"],
+               log)
     if ckpt and ckpt.latest_step() != done:
       save(done)
   finally:
