@@ -126,3 +126,29 @@ def bubble_fraction(schedule: Schedule, fwd_cost=None, bwd_cost=None) -> float:
 def analytic_bubble(stages: int, microbatches: int) -> float:
   """The textbook bubble of GPipe and 1F1B with uniform stages: (P-1)/(M+P-1)."""
   return (stages - 1) / (microbatches + stages - 1)
+
+
+def async_seconds(schedule: Schedule, fwd_cost, bwd_cost, link_s: float = 0.0) -> float:
+  """Makespan when each stage runs its ops in the schedule's order as soon as their input
+  arrives (as Megatron-LM's pipeline does), not in lock-step ticks: a forward waits for the
+  previous stage's forward of that microbatch, a backward for the next stage's backward (the
+  last stage's, for its own forward), each plus `link_s`. With uniform stages this is
+  (M + P - 1) (f + b) for 1F1B and GPipe: the textbook bubble (`analytic_bubble`)."""
+  p = schedule.stages
+  f, b = np.asarray(fwd_cost, float), np.asarray(bwd_cost, float)
+  free = np.zeros(p)
+  done = {}  # (op, stage, microbatch) -> finish time
+  for k in range(schedule.ticks):
+    for s in range(p):
+      op, i = int(schedule.op[k, s]), int(schedule.mb[k, s])
+      if op == IDLE:
+        continue
+      if op == FWD:
+        ready = done[FWD, s - 1, i] + link_s if s else 0.0
+        cost = f[s]
+      else:
+        ready = done[BWD, s + 1, i] + link_s if s < p - 1 else done[FWD, s, i]
+        cost = b[s]
+      free[s] = max(free[s], ready) + cost
+      done[op, s, i] = free[s]
+  return float(free.max())

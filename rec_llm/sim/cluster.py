@@ -12,6 +12,8 @@ Presets (`preset(name)`):
 - 'h100x8': one 8 x H100 SXM node (NVLink 4 through NVSwitch).
 - 'h100x128': 16 such nodes, 400 Gb/s InfiniBand per GPU between nodes.
 - 'mixed_a100_h100': 2 nodes of 8 x A100 + 2 nodes of 8 x H100 (heterogeneous speeds).
+- One per device kind, each from its own datasheet ('a100_40gb', 'a100_80gb', 'h100', 'h200',
+  'tpu_v5p'; DEVICE_PRESETS), as many devices as asked for (default: one node).
 """
 
 import dataclasses
@@ -122,6 +124,29 @@ _H100 = dict(device_kind="NVIDIA H100 80GB HBM3", peak_flops=989e12, memory_byte
              overlap=1.0)
 _A100_OVER_H100 = 312.0 / 989.0
 
+# Per device kind, each from its own datasheet (dense bf16 peak; HBM size and bandwidth;
+# the node's links per device, each way), nodes of `per_node` devices:
+# - A100 SXM4 40GB / 80GB: 312 TFLOP/s; 40 GB HBM2 at 1,555 GB/s / 80 GB HBM2e at 2,039 GB/s;
+#   NVLink 3 600 GB/s per GPU; DGX A100: one 200 Gb/s HDR InfiniBand adapter per GPU.
+# - H100 SXM5: as _H100. H200 SXM: the same compute and links, 141 GB HBM3e at 4.8 TB/s.
+# - TPU v5p: 459 TFLOP/s bf16, 95 GB HBM2e at 2,765 GB/s, inter-chip interconnect 4,800 Gb/s
+#   per chip over 6 links (3-D torus): every axis of a slice rides ICI, taken here as 100 GB/s
+#   each way for a ring along one torus dimension; 4 chips per host ('node').
+# Latencies, efficiency and mem_efficiency as for _H100 (assumptions, not datasheet figures).
+_A100 = dict(_H100, device_kind="NVIDIA A100-SXM4-80GB", peak_flops=312e12,
+             memory_bandwidth=2.039e12, intra=Link(300 * GB, 5e-6), inter=Link(25 * GB, 10e-6))
+DEVICE_PRESETS = {
+    "a100_40gb": (8, dict(_A100, device_kind="NVIDIA A100-SXM4-40GB", memory_bytes=40 * GB,
+                          memory_bandwidth=1.555e12)),
+    "a100_80gb": (8, _A100),
+    "h100": (8, _H100),
+    "h200": (8, dict(_H100, device_kind="NVIDIA H200", memory_bytes=141 * GB,
+                     memory_bandwidth=4.8e12)),
+    "tpu_v5p": (4, dict(_H100, device_kind="TPU v5p", peak_flops=459e12, memory_bytes=95 * GB,
+                        memory_bandwidth=2.765e12, intra=Link(100 * GB, 5e-6),
+                        inter=Link(100 * GB, 5e-6))),
+}
+
 # 'this_machine' without a calibration file: the calibration measured on the project's 2-core
 # CPU machine by `python -m benchmarks.sim_calibration` (8 virtual devices, float32, the
 # default config's model), shipped next to this module. If it is missing, these round
@@ -135,7 +160,7 @@ THIS_MACHINE_DEFAULTS = dict(
     inter_collectives={"all-reduce": (2e-3, 4e8), "all-gather": (1e-3, 1e9),
                        "collective-permute": (2e-4, 9e8), "all-to-all": (3e-4, 7e8)})
 
-PRESETS = ("this_machine", "h100x8", "h100x128", "mixed_a100_h100")
+PRESETS = ("this_machine", "h100x8", "h100x128", "mixed_a100_h100") + tuple(DEVICE_PRESETS)
 
 
 def this_machine(calibration: dict | None = None, processes: int = 1, devices: int = 8) -> Cluster:
@@ -233,6 +258,10 @@ def preset(name: str, devices: int | None = None, calibration: str | dict | None
     cal = load_calibration(calibration) if isinstance(calibration, str) else calibration
     c = this_machine(cal, processes=processes, devices=devices or 8)
     return c
+  if name in DEVICE_PRESETS:
+    per_node, spec = DEVICE_PRESETS[name]
+    n = per_node if devices is None else int(devices)
+    return Cluster(name=name, nodes=1, devices_per_node=min(n, per_node), **spec).with_devices(n)
   if name == "h100x8":
     c = Cluster(name=name, nodes=1, devices_per_node=8, **_H100)
   elif name == "h100x128":

@@ -28,6 +28,16 @@ from rec_llm.sim import cluster as cluster_lib
 KNOWN_ITEMS = {"ml-100k": 1682, "ml-1m": 3706, "ml-20m": 26744, "ml-25m": 59047, "sasrec": 3416}
 OPTIMIZER_BYTES_PER_PARAM = 60  # AdamW + clipping + the non-finite guard: ~15 f32 passes
 
+# Attention's [heads, seq, seq] scores, by implementation: (bytes moved per score in one
+# forward, bytes kept per score for the backward without recomputation).
+# - 'xla': rec_llm's blocks as XLA runs them: f32 scores and probabilities, ~6 passes
+#   (scores, mask, max, exp, sum, normalise), scores and probabilities kept (+ the mask).
+# - 'fused_softmax': Megatron-LM's fused scale-mask-softmax in 16 bits with attention
+#   dropout: QK^T written (2), the softmax reads and writes (4), dropout reads, writes and
+#   masks (5), PV reads (2); kept: probabilities, dropout output and mask (5).
+# - 'flash': a fused (flash / splash) attention kernel: scores never leave the chip.
+SCORE_BYTES = {"xla": (24, 12), "fused_softmax": (13, 5), "flash": (0, 0)}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -39,6 +49,7 @@ class ModelSpec:
   num_items: int
   vocab_multiple: int = 128
   dtype: str = "float32"
+  attention: str = "xla"  # SCORE_BYTES: how attention's scores are computed
 
   @property
   def vocab_size(self) -> int:
@@ -87,7 +98,7 @@ def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int) -> dict:
   if comp in ("block_fwd", "block_bwd"):
     k = 1 if comp == "block_fwd" else 2  # backward: twice the forward's matmuls and passes
     return dict(flops=k * (2 * (4 * d * h + 2 * d * f) + 4 * seq * h) / t,
-                split=k * (e * (4 * h + 4 * f) + 4 * 6 * H * seq) / t,
+                split=k * (e * (4 * h + 4 * f) + SCORE_BYTES[m.attention][0] * H * seq) / t,
                 rep=k * e * 12 * d, dense=0.0, ops=15 * k)
   if comp == "embed":
     # vocab-parallel gather + psum, scale, positions, mask; backward scatter-adds into a
@@ -176,9 +187,9 @@ def elementwise_time(c: cluster_lib.Cluster, nbytes: float) -> float:
 def block_activation_bytes(m: ModelSpec, t: int) -> float:
   """Bytes per token one block keeps for its backward (no remat): norms and residuals [d],
   q/k/v/attention [h/t], the MLP's [f/t] before and after GELU, scores and probabilities
-  [heads/t, seq] in f32."""
+  [heads/t, seq] (SCORE_BYTES: f32 scores and probabilities in rec_llm)."""
   d, f, h, H, e = m.d_model, m.mlp_dim, m.d_model, m.num_heads, m.act_bytes
-  return e * (8 * d + 4 * h / t + 3 * f / t) + 4 * 3 * H * m.max_len / t
+  return e * (8 * d + 4 * h / t + 3 * f / t) + SCORE_BYTES[m.attention][1] * H * m.max_len / t
 
 
 def head_transient_bytes(m: ModelSpec, t: int) -> float:

@@ -59,6 +59,16 @@ class Plan:
   aggregator: str = "psum"        # 'psum' | 'ring' | 'hierarchical' | 'sparse'
   zero: int = 0                   # dp.zero: 0 replicated, 1 optimizer state, 3 parameters too
   stage_local: bool = True        # pipeline.stage_local
+  # pipe = 1 with microbatches > 1: run them one after another, accumulating gradients (as
+  # Megatron-LM and MaxText do; rec_llm's engine does not, so the planner never sets it).
+  accumulate: bool = False
+  # Megatron-LM's interleaved 1F1B: each stage holds `virtual` chunks of its blocks, a
+  # microbatch visits every stage `virtual` times; the bubble shrinks by `virtual`, the
+  # pipe sends grow by it. Cost model only: rec_llm's pipeline runs one chunk per stage.
+  virtual: int = 1
+  # rec_llm's pipeline runs lock-step ticks (a tick lasts as long as its slowest stage);
+  # False: each stage runs its next op as soon as its input arrives (Megatron-LM).
+  lockstep: bool = True
 
   @property
   def mesh(self) -> str:
@@ -91,8 +101,12 @@ def check_plan(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan) -> tuple[i
   if batch.global_batch % d or (batch.global_batch // d) % plan.microbatches:
     raise ConfigError(f"microbatches={plan.microbatches} x data={d} must divide the global "
                       f"batch {batch.global_batch}")
-  if p == 1 and plan.microbatches != 1:
+  if p == 1 and plan.microbatches != 1 and not plan.accumulate:
     raise ConfigError("microbatches > 1 needs pipe > 1 (the trainer has no gradient accumulation)")
+  if plan.virtual > 1 and (p == 1 or plan.schedule != "1f1b" or m.num_layers % (p * plan.virtual)
+                          or plan.stage_layers):
+    raise ConfigError(f"virtual={plan.virtual} stages need pipe > 1, the 1f1b schedule and "
+                      f"even stages whose {m.num_layers} blocks split into pipe x virtual chunks")
   if plan.schedule not in schedules.SCHEDULES:
     raise ConfigError(f"schedule {plan.schedule!r} is unknown; choose one of {list(schedules.SCHEDULES)}")
   if plan.zero not in (0, 1, 3):
@@ -116,7 +130,9 @@ def check_plan(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan) -> tuple[i
 
 @functools.lru_cache(maxsize=4096)
 def _schedule(kind: str, stages: int, microbatches: int) -> schedules.Schedule:
-  return schedules.build(kind if stages > 1 else "gpipe", stages, microbatches)
+  # One stage: its microbatches one after another, each forward then backward (1F1B's
+  # table), one in flight (gradient accumulation).
+  return schedules.build(kind if stages > 1 else "1f1b", stages, microbatches)
 
 
 def axis_groups(c: Cluster, plan: Plan) -> dict:
@@ -161,7 +177,7 @@ class StageCosts:
 
 
 def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> StageCosts:
-  d_, t, p, mb = plan.data, plan.tensor, plan.pipe, plan.microbatches
+  d_, t, p, mb, v = plan.data, plan.tensor, plan.pipe, plan.microbatches, plan.virtual
   rows = batch.global_batch // (d_ * mb)
   n = rows * batch.seq_len
   mr = dataclasses.replace(m, max_len=batch.seq_len)  # attention over the batch's width
@@ -170,13 +186,15 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
   bb = k * cm.component_time(c, mr, "block_bwd", n, t) + (bf if plan.remat else 0.0)
   emb = k * cm.component_time(c, mr, "embed", n, t)
   head = k * cm.component_time(c, mr, "head", n, t)
-  L = np.asarray(sizes, float)
+  L = np.asarray(sizes, float) / v  # an op runs one chunk: 1/virtual of the stage's blocks
 
   def per_stage(bf, bb, emb, head):
+    # (interleaved: the embedding and head run in one of a microbatch's `virtual` visits,
+    # spread here over all of them)
     fwd, bwd = L * bf, L * bb
-    fwd[0] += emb / 2
-    bwd[0] += emb / 2
-    bwd[-1] += head  # the pipeline runs the head in the last stage's backward tick
+    fwd[0] += emb / (2 * v)
+    bwd[0] += emb / (2 * v)
+    bwd[-1] += head / v  # the pipeline runs the head in the last stage's backward tick
     return fwd, bwd
 
   fwd, bwd = per_stage(bf, bb, emb, head)
@@ -203,8 +221,8 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
     ar = lambda b: collective_time(c, "all-reduce", b, t, lvl) + c.tp_sync_s_per_byte * b
     tp_fwd = L * 2 * ar(act)
     tp_bwd = L * (ar(act) + ar(3 * act) + (2 * ar(act) if plan.remat else 0.0))
-    tp_fwd[0] += ar(act)                            # embedding lookup psum
-    tp_bwd[-1] += ar(act) + 4 * ar(4 * rows * batch.seq_len)  # head: dh, softmax statistics
+    tp_fwd[0] += ar(act) / v                        # embedding lookup psum
+    tp_bwd[-1] += (ar(act) + 4 * ar(4 * rows * batch.seq_len)) / v  # head: dh, softmax statistics
   tick_extra, p2p = 0.0, 0.0
   if p > 1:
     tick_extra = TICK_OPS * c.call_overhead
@@ -461,6 +479,22 @@ def _pipe_grads_time(m: cm.ModelSpec, c: Cluster, plan: Plan, width: int, groups
                                   p, lvl)
 
 
+def _async_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, plan: Plan):
+  """(pipeline seconds, its compute, its tensor comm, bubble, stage speeds) of the slowest
+  replica when stages run their ops as soon as their inputs arrive (Plan.lockstep False)."""
+  ops_per_stage = plan.microbatches * plan.virtual
+  out = []
+  for row in np.unique(replica_stage_speeds(c, plan), axis=0):
+    f = costs.fwd / row + costs.tp_fwd + costs.tick_extra
+    b = costs.bwd / row + costs.tp_bwd + costs.tick_extra
+    total = schedules.async_seconds(sched, f, b, costs.p2p / 2)
+    busy = ops_per_stage * (f + b)
+    out.append((total, float(ops_per_stage * ((costs.fwd + costs.bwd) / row).max()),
+                float(ops_per_stage * (costs.tp_fwd + costs.tp_bwd).max()),
+                float(1.0 - busy.sum() / (len(f) * total)), row))
+  return max(out, key=lambda x: x[0])
+
+
 def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bool = False) -> Result:
   """Predicts one step of `plan`. Breakdown (seconds): pipeline (ticks, bubbles included),
   compute / tensor_comm / pipe_p2p (their shares of it), bubble_s, pipe_grads (gradient
@@ -471,7 +505,8 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   p, width = plan.pipe, max(sizes)
   groups = axis_groups(c, plan)
   costs = stage_costs(m, batch, c, plan, sizes)
-  sched = _schedule(plan.schedule, p, plan.microbatches)
+  # interleaved: the tick table of microbatches x virtual chunk-ops per stage
+  sched = _schedule(plan.schedule, p, plan.microbatches * plan.virtual)
   pipe_s, ticks, tick_comp, _, row = _slowest_replica(sched, costs, c, plan)
   ops = sched.op
   bubble = schedules.bubble_fraction(sched, costs.fwd / row, costs.bwd / row)
@@ -479,6 +514,9 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
                         np.where(ops == schedules.BWD, costs.tp_bwd, 0.0)).max(axis=1).sum())
   compute_s = float(tick_comp.sum())
   p2p_s = costs.p2p * sched.ticks if p > 1 else 0.0
+  if p > 1 and not plan.lockstep:
+    pipe_s, compute_s, tp_s, bubble, row = _async_replica(sched, costs, c, plan)
+    p2p_s = costs.p2p * plan.microbatches * plan.virtual  # one send each way per op
   pipe_grads = _pipe_grads_time(m, c, plan, width, groups, stage_local(plan))
   dp, comp_s, dp_bytes = _data_parallel(m, c, plan, width, groups)
   n_dev = c.devices
@@ -511,7 +549,7 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
                mfu=arithmetic.flops_per_token(m, batch.seq_len) * tokens / (c.total_peak_flops * step),
                memory=mem, fits=mem["total"] <= 0.9 * c.memory_bytes, breakdown=breakdown,
                bubble=bubble if p > 1 else 0.0, dp_bytes=dp_bytes, stage_layers=tuple(sizes))
-  if timeline:
+  if timeline and plan.lockstep:  # (the trace draws lock-step ticks)
     res.events = _timeline(sched, costs, row, ticks, tick_comp, c, breakdown, plan)
   return res
 
