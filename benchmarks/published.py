@@ -7,7 +7,8 @@ them. The simulator (rec_llm.sim.simulator) predicts its step on the hardware's 
 preset (rec_llm.sim.cluster.DEVICE_PRESETS), with no fitting to these runs; the predicted
 throughput is then counted the way the source counts it (`COUNTINGS`) and compared with the
 published figure. Each run also gets the layout the planner itself picks for that model,
-batch and cluster (rec_llm.sim.planner), beside the source's.
+batch and cluster (rec_llm.sim.planner, searching what rec_llm's engine runs), beside the
+source's.
 
 Mapping a run onto the simulator's transformer (rec_llm/models: pre-LN blocks, tied item /
 token table, full attention): the model's blocks, width, heads, vocabulary and sequence
@@ -88,6 +89,15 @@ RUNS = [
      (8, 35, 3, 0), "full", "fused_softmax", ("step_s", 49.05), "megatron"),
     ("korthikanti22_1t", "korthikanti22", _A100, 512, (128, 25600, 160, 102400, *_GPT), 512, 1,
      (8, 64, 1, 0), "full", "fused_softmax", ("step_s", 94.42), "megatron"),
+    # ... and with their sequence parallelism and selective recomputation.
+    ("korthikanti22_22b_sp", "korthikanti22", _A100, 8, (48, 6144, 64, 24576, *_GPT), 4, 4,
+     (8, 1, 1, 0), "selective+sp", "fused_softmax", ("step_s", 1.10), "model"),
+    ("korthikanti22_175b_sp", "korthikanti22", _A100, 64, (96, 12288, 96, 49152, *_GPT), 64, 1,
+     (8, 8, 3, 0), "selective+sp", "fused_softmax", ("step_s", 13.75), "model"),
+    ("korthikanti22_530b_sp", "korthikanti22", _A100, 280, (105, 20480, 128, 81920, *_GPT), 280,
+     1, (8, 35, 3, 0), "selective+sp", "fused_softmax", ("step_s", 37.83), "model"),
+    ("korthikanti22_1t_sp", "korthikanti22", _A100, 512, (128, 25600, 160, 102400, *_GPT), 512,
+     1, (8, 64, 1, 0), "selective+sp", "fused_softmax", ("step_s", 71.49), "model"),
     # BLOOM-176B: Megatron-DeepSpeed, bf16, ZeRO-1, full recomputation (vocab padded to 250880).
     ("bloom_176b", "bloom", _A100, 384, (70, 14336, 112, 57344, 250880, 2048), 2048, 2,
      (4, 12, 1, 1), "full", "fused_softmax", ("tflops", 149.77), "megatron"),
@@ -100,13 +110,13 @@ RUNS = [
     # MaxText on TPU v5p: FSDP (ZeRO-3) x tensor, flash attention, ReLU MLP, head_dim 256
     # (attention width `q` != hidden), per-device batch x chips.
     ("maxtext_v5p_32b", "maxtext", _V5P, 64, (32, 10240, 32, _mt(8192, 32768, 32), 32768, 2048), 512,
-     None, (4, 1, 1, 3), "minimal", "flash", ("tflops", 328), "maxtext"),
+     None, (4, 1, 1, 3), "selective", "flash", ("tflops", 328), "maxtext"),
     ("maxtext_v5p_64b", "maxtext", _V5P, 64, (64, 10240, 32, _mt(8192, 32768, 32), 32768, 2048), 256,
-     None, (4, 1, 1, 3), "minimal", "flash", ("tflops", 323), "maxtext"),
+     None, (4, 1, 1, 3), "selective", "flash", ("tflops", 323), "maxtext"),
     ("maxtext_v5p_128b", "maxtext", _V5P, 128, (64, 10240, 64, _mt(16384, 65536, 64), 32768, 2048),
-     256, None, (8, 1, 1, 3), "minimal", "flash", ("tflops", 315), "maxtext"),
+     256, None, (8, 1, 1, 3), "selective", "flash", ("tflops", 315), "maxtext"),
     ("maxtext_v5p_256b", "maxtext", _V5P, 512, (64, 20480, 64, _mt(16384, 65536, 64), 32768, 2048),
-     1024, None, (8, 1, 1, 3), "minimal", "flash", ("tflops", 308), "maxtext"),
+     1024, None, (8, 1, 1, 3), "selective", "flash", ("tflops", 308), "maxtext"),
     ("maxtext_v5p_512b", "maxtext", _V5P, 512, (128, 20480, 64, _mt(16384, 65536, 64), 32768, 2048),
      1024, None, (16, 1, 1, 3), "full", "flash", ("tflops", 294), "maxtext"),
     ("maxtext_v5p_1024b", "maxtext", _V5P, 1024, (128, 20480, 128, _mt(32768, 131072, 128), 32768,
@@ -175,9 +185,12 @@ def source_plan(run) -> sim.Plan:
   data = run["gpus"] // (tensor * pipe)
   micro = run["micro"] or run["batch"] // data  # None: the whole per-replica batch at once
   microbatches = run["batch"] // (data * micro)
+  recompute = run["recompute"]
   return sim.Plan(data=data, tensor=tensor, pipe=pipe, schedule="1f1b", microbatches=microbatches,
-                  remat=run["recompute"] != "none", zero=zero, virtual=virtual, lockstep=False,
-                  accumulate=pipe == 1 and microbatches > 1)
+                  remat=recompute == "full", selective=recompute.startswith("selective"),
+                  sequence_parallel=recompute.endswith("+sp"), zero=zero, virtual=virtual,
+                  lockstep=False, accumulate=pipe == 1 and microbatches > 1,
+                  overlap_tensor=run["source"] == "maxtext")
 
 
 def _simulate(run, efficiency: float | None = None):
@@ -224,6 +237,20 @@ FIT_ON = {"a100_80gb": "megatron21_1.7b", "h100": "llama3_405b_8192",
           "tpu_v5p": "maxtext_v5p_32b"}
 
 
+def planner_pick(run, efficiency: float) -> dict:
+  """The planner's best plan for the run's model, batch and cluster (rec_llm's engine: no
+  compression, lock-step pipeline ticks, no interleaving, accumulation or sequence
+  parallelism), its throughput relative to the source's layout as the source runs it."""
+  c = dataclasses.replace(cluster_lib.preset(run["device"], run["gpus"]), efficiency=efficiency)
+  best, stats = planner.plan(_spec(run), sim.Batch(run["batch"], run["model"][5]), c, top=1,
+                             options=planner.Options(compressions=("none",)))
+  if not best:
+    return {"fits": False, "considered": stats["considered"], "seconds": stats["seconds"]}
+  source_s = _simulate(run, efficiency)[0].step_s
+  return {**best[0].row(), "vs_source_layout": source_s / best[0].step_s,
+          "considered": stats["considered"], "seconds": stats["seconds"]}
+
+
 def _line(r, key) -> str:
   (kind, value), = r["published"].items()
   p = r[key]
@@ -244,6 +271,7 @@ def main(argv):
     row["fitted"] = {"efficiency": fitted[run["device"]], "fitted_on": FIT_ON[run["device"]],
                      "held_out": run["id"] != FIT_ON[run["device"]],
                      **{k: fit[k] for k in ("predicted", "rel_err", "within_tolerance")}}
+    row["planner"] = planner_pick(run, fitted[run["device"]])
     rows.append(row)
     print(_line(row, "datasheet") + "   " + _line(row, "fitted")[56:])
   summary = {"datasheet_within": sum(r["datasheet"]["within_tolerance"] for r in rows),

@@ -237,6 +237,7 @@ def test_run_all_lists_and_rejects_unknown():
   p = cli("benchmarks.run_all", "--list", "--skip=gpu_1b", "--out_dir=/tmp/res")
   assert p.returncode == 0, p.stderr[-2000:]
   names = [l.split(":")[0] for l in p.stdout.splitlines()]
-  assert names == ["step_time", "pipeline", "memory", "compression", "sim_calibration", "numerics_shakeout"]
+  assert names == ["step_time", "pipeline", "memory", "compression", "sim_calibration",
+                   "numerics_shakeout", "published"]
   assert "--out=/tmp/res/compression.json" in p.stdout
   one_error(cli("benchmarks.run_all", "--only=step_time,nope"), "unknown benchmark(s) ['nope']")

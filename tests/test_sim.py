@@ -379,3 +379,44 @@ def test_busy_components_measures_every_split():
       assert all(v > 0 for v in tab[k][col]), (k, col)
     whole = [sum(s for _, s in tab["points"][r]) for r in ("1", "64")]
     assert whole[1] > whole[0]
+
+
+def test_event_driven_and_interleaved_pipelines_match_their_formulas():
+  """schedules.async_seconds: uniform stages give (M + P - 1)(f + b) for both schedules;
+  Plan.virtual = v (interleaved 1F1B) shrinks the bubble to Megatron-LM's (P-1)/v / (M +
+  (P-1)/v) (plus the extra sends' latency), and
+  Plan.lockstep=False removes the lock-step ticks' extra idle time."""
+  for kind, p, m in [("1f1b", 4, 8), ("gpipe", 4, 8), ("1f1b", 8, 24)]:
+    s = schedules.build(kind, p, m)
+    assert schedules.async_seconds(s, [1.0] * p, [2.0] * p) == pytest.approx((m + p - 1) * 3)
+  big = dataclasses.replace(LARGE, num_layers=32, num_items=1000)  # a light head: even stages
+  c, batch = cluster.preset("a100_80gb", 64), sim.Batch(512, 200)
+  plan = sim.Plan(data=8, tensor=1, pipe=8, microbatches=16, remat=True, lockstep=False)
+  one, two = (sim.simulate(big, batch, c, dataclasses.replace(plan, virtual=v)) for v in (1, 2))
+  assert abs(one.bubble - schedules.analytic_bubble(8, 16)) < 0.03, one.bubble
+  assert abs(two.bubble - 3.5 / (16 + 3.5)) < 0.03, two.bubble  # (P-1)/v / (M + (P-1)/v)
+  lock = sim.simulate(big, batch, c, dataclasses.replace(plan, lockstep=True))
+  assert lock.step_s > one.step_s
+  with pytest.raises(ConfigError, match="virtual=3 stages need"):
+    sim.simulate(big, batch, c, dataclasses.replace(plan, virtual=3))
+
+
+def test_published_runs_counting_and_reproduction():
+  """benchmarks/published.py: its FLOP counts are the sources' formulas, and with the A100
+  efficiency fitted on Megatron-LM's 1.7B run the other Megatron-LM 2021 and Korthikanti et
+  al. runs are predicted within 15% (the simulator's ground truth; README 'Published runs')."""
+  from benchmarks import published
+  runs = {r["id"]: r for r in published.RUNS}
+  r = runs["korthikanti22_175b_sp"]
+  layers, h, _, _, v, s = r["model"]
+  b = r["batch"]
+  assert published.model_flops(r) == pytest.approx(
+      72 * b * s * layers * h * h * (1 + s / (6 * h) + v / (12 * layers * h)))
+  # Megatron's count adds full recomputation's forward of the blocks (not of the logit layer).
+  assert published.megatron_flops(r) == pytest.approx(
+      96 * b * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h)))
+  eff = published.fit_efficiency(runs["megatron21_1.7b"])
+  assert 0.7 < eff < 0.9, eff
+  for rid in ("megatron21_39b", "megatron21_1t", "korthikanti22_175b", "korthikanti22_1t_sp"):
+    err = published._simulate(runs[rid], eff)[1]
+    assert abs(err) < 0.15, (rid, err)

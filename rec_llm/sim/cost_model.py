@@ -86,20 +86,21 @@ class ModelSpec:
 
 
 
-def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int) -> dict:
+def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int, sp: bool = False) -> dict:
   """Per token, one device: flops, bytes split over t, bytes replicated; per call: dense bytes.
 
   'block_fwd' / 'block_bwd', 'embed' (forward + backward), 'head' (norm + vocab-parallel
   softmax cross-entropy, forward + backward: the last stage runs both in one tick).
   Element-wise byte counts are estimates (passes over each activation); calibrated clusters
-  only use their ratios.
+  only use their ratios. `sp` (sequence parallelism): the [d]-wide element-wise work (norms,
+  residuals) is split over t too.
   """
   d, f, h, H, V, e = m.d_model, m.mlp_dim, m.d_model, m.num_heads, m.vocab_size, m.act_bytes
   if comp in ("block_fwd", "block_bwd"):
     k = 1 if comp == "block_fwd" else 2  # backward: twice the forward's matmuls and passes
     return dict(flops=k * (2 * (4 * d * h + 2 * d * f) + 4 * seq * h) / t,
                 split=k * (e * (4 * h + 4 * f) + SCORE_BYTES[m.attention][0] * H * seq) / t,
-                rep=k * e * 12 * d, dense=0.0, ops=15 * k)
+                rep=k * e * 12 * d / (t if sp else 1), dense=0.0, ops=15 * k)
   if comp == "embed":
     # vocab-parallel gather + psum, scale, positions, mask; backward scatter-adds into a
     # dense zero table shard (written and accumulated once per call)
@@ -112,8 +113,9 @@ def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int) -> dict:
   raise ValueError(f"unknown component {comp!r}")
 
 
-def roofline_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t: int) -> float:
-  p = _roofline_parts(m, comp, m.max_len, t)
+def roofline_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t: int,
+                  sp: bool = False) -> float:
+  p = _roofline_parts(m, comp, m.max_len, t, sp)
   flops_rate = c.peak_flops * c.efficiency
   bw = c.memory_bandwidth * c.mem_efficiency
   return (p["ops"] * c.call_overhead + p["dense"] / bw
@@ -125,7 +127,7 @@ _MEASURED = {"block_fwd": ("block", "fwd_s"), "block_bwd": ("block", "bwd_s"),
 
 
 def component_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t: int = 1,
-                   busy: bool = False) -> float:
+                   busy: bool = False, sp: bool = False) -> float:
   """Seconds one device (alone, at speed 1) spends on `comp` for n tokens with tensor split t;
   `busy`: the host seconds per device op while every device of a shared host is busy
   (measure.busy_components), where the calibration has them.
@@ -139,7 +141,7 @@ def component_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t:
   comps = c.components or {}
   tables = (comps.get("busy") or {}).get("tables") if busy else comps.get("tables")
   if not tables:
-    return roofline_time(c, m, comp, n, t)
+    return roofline_time(c, m, comp, n, t, sp)
   t_ref = min((int(k) for k in tables), key=lambda k: (abs(math.log(k / t)), k))
   table = tables[str(t_ref)][_MEASURED[comp][0]]
   ref = ModelSpec(**{k: v for k, v in c.components["model"].items() if k != "vocab_size"})
@@ -154,7 +156,16 @@ def component_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t:
     base = float(times[0] * (0.5 + 0.5 * n / tokens[0]))
   if m == ref and t == t_ref:
     return base
-  return base * roofline_time(c, m, comp, n, t) / roofline_time(c, ref, comp, n, t_ref)
+  return base * roofline_time(c, m, comp, n, t, sp) / roofline_time(c, ref, comp, n, t_ref)
+
+
+def attention_core_time(c: cluster_lib.Cluster, m: ModelSpec, n: float, t: int = 1) -> float:
+  """One forward of attention's core (scores, softmax, weighted values) for n tokens: what
+  selective recomputation repeats in the backward (Korthikanti et al. 2022)."""
+  seq, h = m.max_len, m.d_model
+  return n * (4 * seq * h / t / (c.peak_flops * c.efficiency)
+              + SCORE_BYTES[m.attention][0] * m.num_heads * seq / t
+              / (c.memory_bandwidth * c.mem_efficiency))
 
 
 def host_speedup(c: cluster_lib.Cluster, busy: int) -> float:
@@ -184,12 +195,15 @@ def elementwise_time(c: cluster_lib.Cluster, nbytes: float) -> float:
 
 # ---- activations and memory ----
 
-def block_activation_bytes(m: ModelSpec, t: int) -> float:
-  """Bytes per token one block keeps for its backward (no remat): norms and residuals [d],
-  q/k/v/attention [h/t], the MLP's [f/t] before and after GELU, scores and probabilities
-  [heads/t, seq] (SCORE_BYTES: f32 scores and probabilities in rec_llm)."""
+def block_activation_bytes(m: ModelSpec, t: int, sp: bool = False,
+                           scores: bool = True) -> float:
+  """Bytes per token one block keeps for its backward (no remat): norms and residuals [d]
+  (split over t too with sequence parallelism, `sp`), q/k/v/attention [h/t], the MLP's [f/t]
+  before and after GELU, and unless `scores` is False (selective recomputation), the scores
+  and probabilities [heads/t, seq] (SCORE_BYTES: f32 scores and probabilities in rec_llm)."""
   d, f, h, H, e = m.d_model, m.mlp_dim, m.d_model, m.num_heads, m.act_bytes
-  return e * (8 * d + 4 * h / t + 3 * f / t) + SCORE_BYTES[m.attention][1] * H * m.max_len / t
+  return (e * (8 * d / (t if sp else 1) + 4 * h / t + 3 * f / t)
+          + scores * SCORE_BYTES[m.attention][1] * H * m.max_len / t)
 
 
 def head_transient_bytes(m: ModelSpec, t: int) -> float:

@@ -69,6 +69,14 @@ class Plan:
   # rec_llm's pipeline runs lock-step ticks (a tick lasts as long as its slowest stage);
   # False: each stage runs its next op as soon as its input arrives (Megatron-LM).
   lockstep: bool = True
+  # Best practice beyond rec_llm's engine (cost model only; the planner does not set them):
+  # sequence parallelism splits the [d]-wide activations and element-wise work over tensor;
+  # selective recomputation stores no attention scores and recomputes the attention core in
+  # the backward (with remat False); overlap_tensor hides tensor collectives behind the
+  # matmuls (XLA's collective matmul, Megatron-LM's tp-comm-overlap).
+  sequence_parallel: bool = False
+  selective: bool = False
+  overlap_tensor: bool = False
 
   @property
   def mesh(self) -> str:
@@ -182,8 +190,11 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
   n = rows * batch.seq_len
   mr = dataclasses.replace(m, max_len=batch.seq_len)  # attention over the batch's width
   k = c.compute_scale * (c.pipe_compute_scale if p > 1 else 1.0)
-  bf = k * cm.component_time(c, mr, "block_fwd", n, t)
-  bb = k * cm.component_time(c, mr, "block_bwd", n, t) + (bf if plan.remat else 0.0)
+  sp = plan.sequence_parallel
+  bf = k * cm.component_time(c, mr, "block_fwd", n, t, sp=sp)
+  bb = k * cm.component_time(c, mr, "block_bwd", n, t, sp=sp) + (bf if plan.remat else 0.0)
+  if plan.selective and not plan.remat:
+    bb += k * cm.attention_core_time(c, mr, n, t)
   emb = k * cm.component_time(c, mr, "embed", n, t)
   head = k * cm.component_time(c, mr, "head", n, t)
   L = np.asarray(sizes, float) / v  # an op runs one chunk: 1/virtual of the stage's blocks
@@ -227,6 +238,8 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
   if p > 1:
     tick_extra = TICK_OPS * c.call_overhead
     p2p = 2 * collective_time(c, "collective-permute", act, p, groups["pipe"][1])
+  if plan.overlap_tensor:  # only what the op's own compute does not cover stays exposed
+    tp_fwd, tp_bwd = np.maximum(tp_fwd - fwd, 0.0), np.maximum(tp_bwd - bwd, 0.0)
   return StageCosts(fwd, bwd, tp_fwd, tp_bwd, host_fwd, host_bwd, head, tick_extra, p2p, n, t)
 
 
@@ -313,7 +326,8 @@ def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> dict
   width = max(sizes)
   rows = batch.global_batch // (plan.data * plan.microbatches)
   n = rows * batch.seq_len
-  act_tok = cm.block_activation_bytes(dataclasses.replace(m, max_len=batch.seq_len), t)
+  act_tok = cm.block_activation_bytes(dataclasses.replace(m, max_len=batch.seq_len), t,
+                                      plan.sequence_parallel, scores=not plan.selective)
   one_block = n * act_tok
   if plan.remat:  # keep block inputs; one block's activations live during its backward
     per_mb = width * n * m.d_model * m.act_bytes
@@ -430,14 +444,17 @@ def _data_parallel(m: cm.ModelSpec, c: Cluster, plan: Plan, width: int,
   return dp, comp_s, wire / every
 
 
-def _exposed_dp(c: Cluster, plan: Plan, dp: float, window: float, compute: float) -> float:
+def _exposed_dp(c: Cluster, plan: Plan, dp: float, window: float, compute: float,
+                forward: float = 0.0) -> float:
   """What of one reduction (dp seconds) stays on the critical path. 'sync': GSPMD's step
   (pipe = 1) reduces each layer's gradients inside the backward loop, so the blocks'
-  backward (`window`) hides it; the explicit step reduces after the backward and a
-  pipeline after its schedule: nothing to hide behind. 'stale': the next steps' compute
-  hides it. 'local_sgd': a blocking average of the parameters every H steps."""
+  backward (`window`) hides it, and under ZeRO-3 each block's gather is prefetched behind
+  the previous block's forward too (`forward`); the explicit step reduces after the
+  backward and a pipeline after its schedule: nothing to hide behind. 'stale': the next
+  steps' compute hides it. 'local_sgd': a blocking average of the parameters every H steps."""
   if plan.dp_mode == "sync":
-    hidden = window if plan.pipe == 1 and not uses_dp_step(plan) else 0.0
+    hidden = window + (forward if plan.zero == 3 else 0.0)
+    hidden = hidden if plan.pipe == 1 and not uses_dp_step(plan) else 0.0
     return max(0.0, dp - c.overlap * hidden)
   if plan.dp_mode == "stale":
     return max(0.0, dp - c.overlap * compute)
@@ -537,7 +554,8 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   straggler_s = (strag - 1.0) * (compute_s + opt + comp_s)
   # the blocks' backward (the head's comes first, before any block gradient exists)
   window = float((costs.bwd[0] - costs.head) / row[0])
-  dp_exposed = _exposed_dp(c, plan, dp, window, compute_total)
+  forward = float(costs.fwd[0] / row[0]) * plan.microbatches
+  dp_exposed = _exposed_dp(c, plan, dp, window, compute_total, forward)
   step = compute_total + straggler_s + dp_exposed + c.step_overhead
   tokens = batch.global_batch * batch.seq_len
   breakdown = {"pipeline": pipe_s, "compute": compute_s, "tensor_comm": tp_s, "pipe_p2p": p2p_s,
