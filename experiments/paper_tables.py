@@ -74,7 +74,8 @@ def strategy(r) -> str:
 def comp_label(r) -> str:
   if r["status"] != "ok":
     return r["point"]["compression"]
-  return r.get("compression") or r["point"]["compression"]
+  label = r.get("compression") or r["point"]["compression"]
+  return label + (f", ZeRO-{r['zero']}" if r.get("zero") else "")
 
 
 def sched(r):

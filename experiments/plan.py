@@ -33,7 +33,7 @@ _JSON = flags.DEFINE_string("json", None, "Also write the plans (rows with break
 
 def table(results, stats, cluster) -> str:
   head = (f"{'#':>2} {'mesh':>9} {'sched':>5} {'mb':>3} {'partition':<16} {'remat':>5} "
-          f"{'compression':<18} {'step ms':>9} {'tokens/s':>12} {'MFU':>6} {'mem GiB':>8}")
+          f"{'zero':>4} {'compression':<18} {'step ms':>9} {'tokens/s':>12} {'MFU':>6} {'mem GiB':>8}")
   lines = [f"cluster {cluster.name}: {cluster.devices} x {cluster.device_kind} "
            f"({cluster.nodes} node(s) x {cluster.devices_per_node}); {stats['feasible']} of "
            f"{stats['considered']} plans fit in memory; searched in {stats['seconds']:.2f}s",
@@ -42,7 +42,7 @@ def table(results, stats, cluster) -> str:
     row = r.row()
     part = ",".join(map(str, row["partition"]))
     lines.append(f"{i:>2} {row['mesh']:>9} {row['schedule']:>5} {row['microbatches']:>3} "
-                 f"{part:<16} {str(row['remat']):>5} {row['compression']:<18} "
+                 f"{part:<16} {str(row['remat']):>5} {row['zero']:>4} {row['compression']:<18} "
                  f"{row['step_s'] * 1e3:>9.2f} {row['tokens_per_s']:>12,.0f} "
                  f"{100 * row['mfu']:>5.1f}% {row['memory_gib']:>8.2f}")
   return "\n".join(lines)

@@ -26,7 +26,11 @@ from rec_llm.sim import cluster as cluster_lib
 # Item counts of the MovieLens formats (for configs whose data section has no num_items):
 # GroupLens README files; 'sasrec' is the SASRec repository's ml-1m.txt.
 KNOWN_ITEMS = {"ml-100k": 1682, "ml-1m": 3706, "ml-20m": 26744, "ml-25m": 59047, "sasrec": 3416}
-OPTIMIZER_BYTES_PER_PARAM = 60  # AdamW + clipping + the non-finite guard: ~15 f32 passes
+# A fused AdamW step on an accelerator (datasheet clusters; this machine's is measured): reads
+# the parameter, its gradient and both moments (16 B), writes the parameter and the moments
+# (12 B), and the clipping's global norm reads the gradient once more (4 B); the non-finite
+# guard reuses that norm. (The earlier 60 B, ~15 passes, was XLA:CPU's unfused count.)
+OPTIMIZER_BYTES_PER_PARAM = 32
 
 # Attention's [heads, seq, seq] scores, by implementation: (bytes moved per score in one
 # forward, bytes kept per score for the backward without recomputation).

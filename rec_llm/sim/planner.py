@@ -7,7 +7,8 @@ Searched:
 - with pipe > 1: both schedules and microbatches in {1, 2, 4, 8} x pipe (those dividing the
   replica's rows), the blocks placed by `partition.solve` (measured block, embedding and head
   costs, stage speeds on heterogeneous clusters);
-- with data > 1: the data-parallel reduction as (compression, aggregator) pairs;
+- with data > 1: the data-parallel reduction as (compression, aggregator) pairs, and the
+  state sharded over data (dp.zero 0, 1, 3: `zero_runs`);
 - remat only where the plan (mesh, schedule, microbatches) does not fit without it.
 `search_mesh` does all of that for one mesh; `plan` runs it on every mesh and ranks, and
 experiments/simulated.py runs it on the named and explicit meshes of a sweep.
@@ -16,6 +17,7 @@ show: restrict `compressions` / `dp_modes` to compare like with like.
 """
 
 import dataclasses
+import functools
 import time
 
 import numpy as np
@@ -45,6 +47,7 @@ class Options:
   microbatches: tuple = ()  # pipe > 1: these counts instead of microbatch_factors x pipe
   staleness: int = 1
   local_steps: int = 4
+  zero: tuple = (0, 1, 3)   # dp.zero stages tried where the trainer runs them (zero_runs)
 
 
 @dataclasses.dataclass
@@ -125,6 +128,16 @@ def dp_variants(base: sim.Plan, c: Cluster, opts: Options, aggregator: str | Non
                                 staleness=opts.staleness, local_steps=opts.local_steps)
 
 
+def zero_runs(m: cm.ModelSpec, plan: sim.Plan) -> bool:
+  """Whether the trainer runs `plan`'s dp.zero (config_check.check_zero's rules): 0 always;
+  1 and 3 with data > 1 dividing d_model; 3 with GSPMD's step and no pipeline."""
+  if plan.zero == 0:
+    return True
+  if plan.data == 1 or m.d_model % plan.data:
+    return False
+  return plan.zero == 1 or (plan.pipe == 1 and not sim.uses_dp_step(plan))
+
+
 def search_mesh(m: cm.ModelSpec, batch: sim.Batch, c: Cluster, shape: tuple,
                 options: Options | None = None, *, bases: list | None = None,
                 aggregator: str | None = None, pair_all: bool = False) -> MeshSearch:
@@ -149,7 +162,9 @@ def search_mesh(m: cm.ModelSpec, batch: sim.Batch, c: Cluster, shape: tuple,
       if bases is None:
         base = dataclasses.replace(base, stage_layers=balanced_stages(m, batch, c, base))
       fits_any = False
-      for variant in dp_variants(base, c, opts, aggregator, pair_all):
+      variants = (dataclasses.replace(v, zero=z) for v in dp_variants(
+          base, c, opts, aggregator, pair_all) for z in opts.zero)
+      for variant in filter(functools.partial(zero_runs, m), variants):
         r = sim.simulate(m, batch, c, variant)
         found.considered += 1
         fits_any |= r.fits

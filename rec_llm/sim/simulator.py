@@ -293,7 +293,8 @@ class Result:
     p = self.plan
     return {"mesh": p.mesh, "schedule": p.schedule if p.pipe > 1 else "-",
             "microbatches": p.microbatches, "partition": list(self.stage_layers),
-            "remat": p.remat, "compression": p.compression_label(), "step_s": self.step_s,
+            "remat": p.remat, "zero": p.zero, "compression": p.compression_label(),
+            "step_s": self.step_s,
             "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
             "memory_gib": self.memory["total"] / 2**30, "fits": self.fits,
             "bubble": self.bubble, "dp_bytes": self.dp_bytes, "breakdown": self.breakdown}
