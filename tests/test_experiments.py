@@ -241,3 +241,27 @@ def test_run_all_lists_and_rejects_unknown():
                    "numerics_shakeout", "published"]
   assert "--out=/tmp/res/compression.json" in p.stdout
   one_error(cli("benchmarks.run_all", "--only=step_time,nope"), "unknown benchmark(s) ['nope']")
+
+
+def test_readme_headline_matches_the_committed_tables():
+  """The ratios README.md and docs/results.md quote are the committed paper_tables.md's."""
+  lines = open(os.path.join(ROOT, "experiments/results/paper_tables.md")).read().splitlines()
+  summary = {}
+  for line in lines[lines.index("## Summary: hybrid / best single strategy"):]:
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    if len(cells) == 9 and cells[5].startswith("**"):
+      summary[cells[0], cells[1], cells[2]] = cells[5].strip("*")
+  get = lambda group, cluster, comp: summary[group, cluster, f"{comp} compression"]
+  one, many = ("strategies", "h100x8"), ("strategies", "h100x128")
+  readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+  assert (f"the hybrid reaches {get(*one, 'without')} the best single strategy on 8 GPUs and "
+          f"{get(*many, 'without')} on 128 without compression, {get(*one, 'with')} / "
+          f"{get(*many, 'with')} with it") in readme
+  assert f"the 2M-item table {get('strategies_2m', 'h100x128', 'without')}" in readme
+  results = open(os.path.join(ROOT, "docs/results.md")).read()
+  for cluster, comp, key in (("h100x8 (1 node)", "none", (*one, "without")),
+                             ("h100x8 (1 node)", "best compressed", (*one, "with")),
+                             ("h100x128 (16 nodes)", "none", (*many, "without")),
+                             ("h100x128 (16 nodes)", "best compressed", (*many, "with"))):
+    row = [l for l in results.splitlines() if l.startswith(f"| {cluster} | {comp} |")]
+    assert len(row) == 1 and f"| {get(*key)} | {get(*key)} |" in row[0], (cluster, comp, row)
