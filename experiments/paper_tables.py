@@ -17,6 +17,7 @@ Every row says whether it was measured or simulated. Bad input: one `error:` lin
 """
 
 import json
+import math
 import os
 import sys
 
@@ -302,7 +303,44 @@ def scaling_section(rows) -> str:
                f"= tokens/s per device / that at {min(r['devices'] for r in sub)} devices.\n")
     out.append(table(head, body))
     out.append("")
+    if "dp" in specs and "hybrid" in specs:
+      out.append(gpus_to_match(sub, title))
   return "\n".join(out)
+
+
+def gpus_needed(points, target: float) -> float | None:
+  """Devices a strategy needs for `target` tokens/s, interpolating its (devices, tokens/s)
+  points linearly in log-log; None outside its points."""
+  pts = sorted(points)
+  for (n0, t0), (n1, t1) in zip(pts, pts[1:]):
+    if t0 <= target <= t1:
+      w = (math.log(target) - math.log(t0)) / (math.log(t1) - math.log(t0))
+      return math.exp(math.log(n0) + w * (math.log(n1) - math.log(n0)))
+  return None
+
+
+def gpus_to_match(sub, title: str) -> str:
+  """Resource efficiency, apart from throughput: how many GPUs pure DP needs to reach the
+  hybrid's tokens/s on n GPUs (n_DP / n: > 1 means the hybrid needs fewer GPUs)."""
+  ok = lambda spec: [(r["devices"], r["tokens_per_s"]) for r in sub
+                     if r["point"]["mesh"] == spec and r["status"] == "ok"]
+  dp, body = ok("dp"), []
+  lo, hi = min(dp), max(dp)
+  for n, t in sorted(ok("hybrid")):
+    need = gpus_needed(dp, t)
+    if need is None:  # outside pure DP's rows: say which side
+      below = t < lo[1]
+      body.append([n, tok(t), f"< {lo[0]}" if below else f"> {hi[0]}",
+                   f"< {lo[0] / n:.2f}x" if below else f"> {hi[0] / n:.2f}x"])
+    else:
+      body.append([n, tok(t), f"{need:.0f}", f"{need / n:.2f}x"])
+  return ("Resource efficiency (" + title + "): the GPUs pure DP needs to reach the hybrid's "
+          "throughput (interpolated in log-log between the rows above; weak scaling, so its "
+          "global batch grows with them), as a multiple of the hybrid's GPUs: > 1 means the "
+          "hybrid does the same work on fewer GPUs. Unlike MFU on a fixed cluster, this is "
+          "not the throughput ratio again.\n\n"
+          + table(["hybrid GPUs", "hybrid tokens/s", "pure DP GPUs for it", "GPUs saved (DP / hybrid)"],
+                  body) + "\n")
 
 
 # ---- (c), (d) measured compression ----
