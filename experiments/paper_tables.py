@@ -439,6 +439,25 @@ def dp_modes_section(rows, comp, note) -> str:
 
 # ---- (e) measured sweep points ----
 
+def calibration_fit_plans() -> set:
+  """The plans the shipped `this_machine` calibration was fitted to (rec_llm/sim/calibrate.py),
+  labelled 'mesh' or 'mesh:schedule:microbatches', one process."""
+  from rec_llm.sim import cluster as cluster_lib
+  try:
+    cal = cluster_lib.load_calibration(cluster_lib.DEFAULT_CALIBRATION)
+  except Exception:  # no calibration shipped: nothing is a fit plan
+    return set()
+  return {p[:-3] for p in (cal.get("step_corrections") or {}).get("fit_plans", ())
+          if p.endswith(" x1")}
+
+
+def _plan_label(r) -> str:
+  mesh = r.get("mesh", r["point"]["mesh"])
+  if r.get("schedule") in (None, "-"):
+    return mesh
+  return f"{mesh}:{r['schedule']}:{r['microbatches']}"
+
+
 def measured_section(rows) -> str:
   meas = [r for r in rows if r["source"] == "measured"]
   if not meas:
@@ -447,25 +466,35 @@ def measured_section(rows) -> str:
                        r["point"]["dp_mode"], r["point"]["schedule"], r["point"]["microbatches"])
   sims = {sim_key(r): r for r in rows if r["source"] == "simulated"
           and r.get("cluster") == "this_machine" and r["status"] == "ok"}
-  body = []
+  fit_plans, errors, body = calibration_fit_plans(), {True: [], False: []}, []
   for r in meas:
     s = sims.get(sim_key(r))
     ok = r["status"] == "ok"
     err = (s["step_time_s"] - r["step_time_s"]) / r["step_time_s"] if ok and s else None
+    fit = (ok and r["point"]["compression"] == "none" and r["point"]["dp_mode"] == "sync"
+           and _plan_label(r) in fit_plans)
+    if err is not None:
+      errors[fit].append(err)
     q = (r.get("quality") or {}).get("test/ndcg@10")
+    steps = len(r.get("step_times_s") or []) - 1
     body.append([r["group"], r.get("mesh", r["point"]["mesh"]), sched(r), comp_label(r),
-                 r["point"]["dp_mode"], ms(r.get("step_time_s")), tok(r.get("tokens_per_s")),
-                 pct(r.get("mfu")), ms(s["step_time_s"]) if s else None,
-                 None if err is None else f"{100 * err:+.0f}%",
+                 r["point"]["dp_mode"], ms(r.get("step_time_s")), max(steps, 0) if ok else None,
+                 tok(r.get("tokens_per_s")), pct(r.get("mfu")),
+                 ms(s["step_time_s"]) if s else None,
+                 None if err is None else f"{100 * err:+.0f}%" + (" (fit plan)" if fit else ""),
                  None if q is None else f"{q:.4f}",
                  source(r) if ok else f"{r['status']}: {r.get('reason', '')}"])
+  span = lambda e: f"{100 * min(e):+.0f}%..{100 * max(e):+.0f}% ({len(e)} plans)" if e else "none"
   return ("Measured on this machine (virtual CPU devices share the host's cores: timings compare "
-          "layouts on one machine, nothing more; a few steps each on a shared machine, so expect "
-          "+-20% noise; MFU divides by each run's own measured matmul peak, so compare step "
-          "times), next to the simulator's prediction (`this_machine` preset) where the sweep "
-          "asked for one:\n\n" +
-          table(["group", "mesh", "schedule", "compression", "mode", "step ms", "tokens/s", "MFU",
-                 "predicted ms", "prediction error", "test NDCG@10", "source"], body))
+          "layouts on one machine, nothing more; MFU divides by each run's own measured matmul "
+          "peak, so compare step times): the median of the steps after the first (count in "
+          "'steps'), next to the simulator's prediction (`this_machine` preset). Rows marked "
+          "'fit plan' are plans the shipped calibration was fitted to (rec_llm/sim/calibrate.py), "
+          "timed again here; the others are held out. Prediction error: held-out "
+          f"{span(errors[False])}; fit plans {span(errors[True])}.\n\n" +
+          table(["group", "mesh", "schedule", "compression", "mode", "step ms", "steps",
+                 "tokens/s", "MFU", "predicted ms", "prediction error", "test NDCG@10", "source"],
+                body))
 
 
 def render(rows, comp, note, sources: list[str]) -> str:

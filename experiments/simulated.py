@@ -1,8 +1,9 @@
 """A simulated sweep point: its plan on a cluster preset, predicted by rec_llm.sim (no JAX).
 
 Named pure meshes ('dp', 'tp', 'pp') and explicit 'DxTxP' meshes are one mesh of the
-planner's search (planner.search_mesh: a named mesh searched as the planner does, an explicit
-one with the run config's pipeline); 'hybrid' and 'best' are the planner's own ranking over
+planner's search (planner.search_mesh: a named mesh searched as the planner does, ZeRO stage
+included, an explicit one with the run config's pipeline and dp.zero); 'hybrid' and 'best'
+are the planner's own ranking over
 every mesh it considers.
 """
 
@@ -42,20 +43,25 @@ def _options(point, named_mesh: bool = False) -> planner.Options:
 
 
 def _explicit_plan(shape, point, config) -> sim.Plan:
-  """The run config's pipeline on an explicit mesh, as the trainer would run it."""
+  """The run config's pipeline and state sharding on an explicit mesh, as the trainer would
+  run it."""
   d, t, p = shape
   pc = config.pipeline
   return sim.Plan(data=d, tensor=t, pipe=p, schedule=point["schedule"] or pc.schedule,
                   microbatches=(point["microbatches"] or pc.microbatches) if p > 1 else 1,
-                  stage_layers=tuple(pc.stage_layers), remat=bool(config.model.remat or pc.remat))
+                  stage_layers=tuple(pc.stage_layers), remat=bool(config.model.remat or pc.remat),
+                  zero=int(config.dp.zero), stage_local=bool(pc.stage_local))
 
 
 def _search_mesh(m, batch, c, shape, point, config, explicit: bool) -> planner.MeshSearch:
   """planner.search_mesh for one mesh: a named one searched as the planner does, an explicit
   one with the config's pipeline; the point's aggregator and compression kinds either way."""
   bases = [_explicit_plan(shape, point, config)] if explicit else None
-  return planner.search_mesh(m, batch, c, shape, _options(point, named_mesh=not explicit),
-                             bases=bases, aggregator=point["aggregator"], pair_all=True)
+  opts = _options(point, named_mesh=not explicit)
+  if explicit:  # the config's dp.zero, not a search over it
+    opts = dataclasses.replace(opts, zero=(int(config.dp.zero),))
+  return planner.search_mesh(m, batch, c, shape, opts, bases=bases,
+                             aggregator=point["aggregator"], pair_all=True)
 
 
 def _no_fit(c, smallest) -> str:

@@ -19,7 +19,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.name = "local_small"
   c.defaults = dict(config="experiments/configs/default.py", sources=("measured", "simulated"),
-                    clusters=("this_machine",), steps=4)
+                    clusters=("this_machine",), steps=12)
   c.groups = [
       dict(name="local_meshes", meshes=("8x1x1", "4x2x1", "2x4x1", "4x1x2", "2x2x2")),
       dict(name="local_dp", meshes=("4x2x1",), compressions=("int8", "topk"), dp_modes=("sync",)),
