@@ -230,7 +230,8 @@ def strategies_section(rows) -> tuple[str, list[list]]:
         out.append(explain(h, s) + "\n")
   out.append("On a fixed cluster MFU is throughput times a constant (same model FLOPs per token, "
              "same peak), so the two ratios coincide here; the paper reports ~30% and ~20% as "
-             "separate figures, which needs a different utilisation measure than MFU.")
+             "separate figures: resource efficiency apart from throughput is in (b), the GPUs "
+             "pure DP needs to match the hybrid.")
   return "\n".join(out), summary
 
 

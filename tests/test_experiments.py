@@ -257,7 +257,9 @@ def test_readme_headline_matches_the_committed_tables():
   assert (f"the hybrid reaches {get(*one, 'without')} the best single strategy on 8 GPUs and "
           f"{get(*many, 'without')} on 128 without compression, {get(*one, 'with')} / "
           f"{get(*many, 'with')} with it") in readme
-  assert f"the 2M-item table {get('strategies_2m', 'h100x128', 'without')}" in readme
+  for group, words in (("strategies_2m", "the 2M-item table"), ("strategies_7b", "a 7B model"),
+                       ("strategies_61b", "a 61B model on 1,024 GPUs")):
+    assert f"{words} {get(group, 'h100x128', 'without')}" in readme, group
   results = open(os.path.join(ROOT, "docs/results.md")).read()
   for cluster, comp, key in (("h100x8 (1 node)", "none", (*one, "without")),
                              ("h100x8 (1 node)", "best compressed", (*one, "with")),

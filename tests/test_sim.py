@@ -173,6 +173,15 @@ def test_heterogeneous_cluster_and_balance():
   base = sim.Plan(data=2, tensor=8, pipe=2, microbatches=4, schedule="1f1b")
   speeds = sim.replica_stage_speeds(c, base)
   assert speeds[0, 0] < speeds[1, 1]  # the first replica's stages sit on A100s
+  # A per-device roofline: an A100 is 312/989 of an H100 in FLOP/s, 2039/3350 in bandwidth;
+  # MFU divides by the sum of each device's own peak.
+  flops_bound, memory_bound = c.effective_speeds(1.0)[0], c.effective_speeds(0.0)[0]  # an A100
+  assert flops_bound == pytest.approx(312 / 989) and memory_bound == pytest.approx(2039 / 3350)
+  assert c.effective_speeds(0.5)[-1] == 1.0
+  assert c.total_peak_flops == pytest.approx(16 * 312e12 + 16 * 989e12)
+  share = cm.compute_share(c, m, 8)
+  assert 0 < share < 1
+  assert sim.replica_stage_speeds(c, base, m)[0, 0] == pytest.approx(c.effective_speeds(share)[0])
   best = planner.balanced_stages(m, batch, c, dataclasses.replace(base, data=1, tensor=8, pipe=4))
   assert best[0] + best[1] < best[2] + best[3]  # A100 stages take fewer blocks
   # balance: a stage measured 3x slower than predicted loses blocks, if it pays

@@ -49,6 +49,7 @@ class Cluster:
   call_overhead: float = 5e-6   # s per kernel launch / op dispatch
   step_overhead: float = 0.0    # s per step: host dispatch and synchronisation
   speed: tuple = ()             # per-device compute speed factor (1 = nominal); () = all 1
+  mem_speed: tuple = ()         # per-device memory-bandwidth factor; () = as `speed`
   straggler_sigma: float = 0.0  # per-device, per-step lognormal noise on compute time
   overlap: float = 1.0          # share of the backward that can hide the data-parallel reduction
   # Virtual devices that time-share one host's cores (see cost_model.host_speedup).
@@ -74,12 +75,21 @@ class Cluster:
 
   @property
   def total_peak_flops(self) -> float:
-    """MFU's denominator. Virtual CPU devices share their host: one peak per host (process),
-    as rec_llm/train/throughput.py counts it."""
-    return self.peak_flops * (self.nodes if self.shared_host else self.devices)
+    """MFU's denominator: the sum of each device's own peak (`speed` scales the nominal one).
+    Virtual CPU devices share their host: one peak per host (process), as
+    rec_llm/train/throughput.py counts it."""
+    return self.peak_flops * (self.nodes if self.shared_host else sum(self.speeds()))
 
   def speeds(self) -> list[float]:
     return list(self.speed) if self.speed else [1.0] * self.devices
+
+  def effective_speeds(self, compute_share: float) -> list[float]:
+    """Per device, the speed of work that spends `compute_share` of its nominal time on
+    arithmetic and the rest on memory traffic: each part at the device's own rate (a per-
+    device roofline: an A100 is 0.32 of an H100 in FLOP/s but 0.61 in bandwidth)."""
+    mem = list(self.mem_speed) if self.mem_speed else self.speeds()
+    return [1.0 / (compute_share / s + (1.0 - compute_share) / b)
+            for s, b in zip(self.speeds(), mem)]
 
   def with_devices(self, n: int) -> "Cluster":
     """The same hardware with `n` devices: fewer per node, or more whole nodes."""
@@ -95,11 +105,13 @@ class Cluster:
     else:
       raise ConfigError(f"--devices={n} does not fill whole nodes of {dpn} devices on "
                         f"cluster {self.name!r}; use a multiple of {dpn}")
-    speed = ()
-    if self.speed:  # repeat the node pattern (e.g. A100 nodes, then H100 nodes)
-      node_speed = [self.speed[i * dpn:(i + 1) * dpn] for i in range(self.nodes)]
-      speed = tuple(s for k in range(nodes) for s in node_speed[k % self.nodes][:per])
-    return dataclasses.replace(self, nodes=nodes, devices_per_node=per, speed=speed)
+    def pattern(values):  # repeat the node pattern (e.g. A100 nodes, then H100 nodes)
+      if not values:
+        return ()
+      node = [values[i * dpn:(i + 1) * dpn] for i in range(self.nodes)]
+      return tuple(s for k in range(nodes) for s in node[k % self.nodes][:per])
+    return dataclasses.replace(self, nodes=nodes, devices_per_node=per,
+                               speed=pattern(self.speed), mem_speed=pattern(self.mem_speed))
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -270,6 +282,8 @@ def preset(name: str, devices: int | None = None, calibration: str | dict | None
   else:  # mixed_a100_h100: nodes 0-1 A100, nodes 2-3 H100; links limited by the A100 nodes
     c = Cluster(name=name, nodes=4, devices_per_node=8,
                 speed=tuple([_A100_OVER_H100] * 16 + [1.0] * 16),
+                mem_speed=tuple([_A100["memory_bandwidth"] / _H100["memory_bandwidth"]] * 16
+                                + [1.0] * 16),
                 **{**_H100, "device_kind": "NVIDIA A100 80GB + H100 80GB",
                    "intra": Link(300 * GB, 5e-6), "inter": Link(25 * GB, 10e-6)})
   return c if devices is None else c.with_devices(int(devices))

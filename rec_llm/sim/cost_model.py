@@ -117,6 +117,18 @@ def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int, sp: bool = False)
   raise ValueError(f"unknown component {comp!r}")
 
 
+def compute_share(c: cluster_lib.Cluster, m: ModelSpec, t: int = 1, sp: bool = False) -> float:
+  """The share of a block's forward + backward roofline time spent on arithmetic (the rest:
+  memory traffic), on the cluster's nominal device: how a slower device's FLOP/s and
+  bandwidth combine (Cluster.effective_speeds)."""
+  flops = mem = 0.0
+  for comp in ("block_fwd", "block_bwd"):
+    p = _roofline_parts(m, comp, m.max_len, t, sp)
+    flops += p["flops"] / (c.peak_flops * c.efficiency)
+    mem += (p["split"] + p["rep"]) / (c.memory_bandwidth * c.mem_efficiency)
+  return flops / (flops + mem)
+
+
 def roofline_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t: int,
                   sp: bool = False) -> float:
   p = _roofline_parts(m, comp, m.max_len, t, sp)

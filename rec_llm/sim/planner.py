@@ -85,7 +85,8 @@ def balanced_stages(m: cm.ModelSpec, batch: sim.Batch, c: Cluster, base: sim.Pla
   if base.pipe == 1:
     return (m.num_layers,)
   costs = balance.layer_costs(m, batch, c, base)
-  speeds = sim.replica_stage_speeds(c, base).min(axis=0)
+  speeds = sim.replica_stage_speeds(
+      c, base, dataclasses.replace(m, max_len=batch.seq_len)).min(axis=0)
   sizes, _ = partition_lib.solve(costs["layer_costs"], base.pipe, costs["first_extra"],
                                  costs["last_extra"], speeds=speeds)
   return sizes

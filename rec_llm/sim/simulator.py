@@ -162,9 +162,13 @@ def data_group(c: Cluster, plan: Plan) -> int:
   return per_node if n % per_node == 0 else 1
 
 
-def replica_stage_speeds(c: Cluster, plan: Plan) -> np.ndarray:
-  """[data, pipe] speed of each (replica, stage): its slowest tensor-parallel device."""
-  s = np.asarray(c.speeds(), float).reshape(plan.data, plan.pipe, plan.tensor)
+def replica_stage_speeds(c: Cluster, plan: Plan, m: cm.ModelSpec | None = None) -> np.ndarray:
+  """[data, pipe] speed of each (replica, stage): its slowest tensor-parallel device, each
+  device's FLOP/s and bandwidth weighted by the model's blocks' roofline (compute speed
+  alone without `m`)."""
+  share = 1.0 if m is None or not c.speed else cm.compute_share(
+      c, m, plan.tensor, plan.sequence_parallel)
+  s = np.asarray(c.effective_speeds(share), float).reshape(plan.data, plan.pipe, plan.tensor)
   return s.min(axis=2)
 
 
@@ -471,12 +475,13 @@ def straggler_factor(sigma: float, devices: int, averaged_steps: int = 1) -> flo
   return math.exp(sigma / math.sqrt(averaged_steps) * math.sqrt(2 * math.log(devices)))
 
 
-def _slowest_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, plan: Plan):
+def _slowest_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, plan: Plan,
+                     m: cm.ModelSpec):
   """(pipeline seconds, tick seconds, tick compute, per-op compute, stage speeds) of the
   slowest data replica. Replicas with the same stage speeds take the same time: each kind
   is simulated once."""
   per_replica = []
-  for row in np.unique(replica_stage_speeds(c, plan), axis=0):
+  for row in np.unique(replica_stage_speeds(c, plan, m), axis=0):
     ticks, tick_comp, comp = _tick_times(sched, costs, row, c, plan.data * plan.tensor)
     per_replica.append((float(ticks.sum()), ticks, tick_comp, comp, row))
   return max(per_replica, key=lambda x: x[0])
@@ -497,12 +502,13 @@ def _pipe_grads_time(m: cm.ModelSpec, c: Cluster, plan: Plan, width: int, groups
                                   p, lvl)
 
 
-def _async_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, plan: Plan):
+def _async_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, plan: Plan,
+                   m: cm.ModelSpec):
   """(pipeline seconds, its compute, its tensor comm, bubble, stage speeds) of the slowest
   replica when stages run their ops as soon as their inputs arrive (Plan.lockstep False)."""
   ops_per_stage = plan.microbatches * plan.virtual
   out = []
-  for row in np.unique(replica_stage_speeds(c, plan), axis=0):
+  for row in np.unique(replica_stage_speeds(c, plan, m), axis=0):
     f = costs.fwd / row + costs.tp_fwd + costs.tick_extra
     b = costs.bwd / row + costs.tp_bwd + costs.tick_extra
     total = schedules.async_seconds(sched, f, b, costs.p2p / 2)
@@ -525,7 +531,8 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   costs = stage_costs(m, batch, c, plan, sizes)
   # interleaved: the tick table of microbatches x virtual chunk-ops per stage
   sched = _schedule(plan.schedule, p, plan.microbatches * plan.virtual)
-  pipe_s, ticks, tick_comp, _, row = _slowest_replica(sched, costs, c, plan)
+  mr = dataclasses.replace(m, max_len=batch.seq_len)  # (the roofline of this batch's width)
+  pipe_s, ticks, tick_comp, _, row = _slowest_replica(sched, costs, c, plan, mr)
   ops = sched.op
   bubble = schedules.bubble_fraction(sched, costs.fwd / row, costs.bwd / row)
   tp_s = float(np.where(ops == schedules.FWD, costs.tp_fwd,
@@ -533,7 +540,7 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   compute_s = float(tick_comp.sum())
   p2p_s = costs.p2p * sched.ticks if p > 1 else 0.0
   if p > 1 and not plan.lockstep:
-    pipe_s, compute_s, tp_s, bubble, row = _async_replica(sched, costs, c, plan)
+    pipe_s, compute_s, tp_s, bubble, row = _async_replica(sched, costs, c, plan, mr)
     p2p_s = costs.p2p * plan.microbatches * plan.virtual  # one send each way per op
   pipe_grads = _pipe_grads_time(m, c, plan, width, groups, stage_local(plan))
   dp, comp_s, dp_bytes = _data_parallel(m, c, plan, width, groups)
