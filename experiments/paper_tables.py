@@ -19,6 +19,7 @@ Every row says whether it was measured or simulated. Bad input: one `error:` lin
 import json
 import math
 import os
+import statistics
 import sys
 
 from absl import app, flags
@@ -486,13 +487,21 @@ def measured_section(rows) -> str:
                  None if q is None else f"{q:.4f}",
                  source(r) if ok else f"{r['status']}: {r.get('reason', '')}"])
   span = lambda e: f"{100 * min(e):+.0f}%..{100 * max(e):+.0f}% ({len(e)} plans)" if e else "none"
+  drift = ""
+  if errors[True] and errors[False]:
+    # the fit plans' median measured / predicted: how far the machine moved since it was
+    # calibrated (the same plans, timed again); the held-out errors with that taken out
+    k = statistics.median(1 / (1 + e) for e in errors[True])
+    drift = (f" The fit plans now run {k:.2f}x their calibrated predictions (the machine's "
+             f"drift since its calibration); with that factor taken out the held-out errors "
+             f"are {span([(1 + e) * k - 1 for e in errors[False]])}.")
   return ("Measured on this machine (virtual CPU devices share the host's cores: timings compare "
           "layouts on one machine, nothing more; MFU divides by each run's own measured matmul "
           "peak, so compare step times): the median of the steps after the first (count in "
           "'steps'), next to the simulator's prediction (`this_machine` preset). Rows marked "
           "'fit plan' are plans the shipped calibration was fitted to (rec_llm/sim/calibrate.py), "
           "timed again here; the others are held out. Prediction error: held-out "
-          f"{span(errors[False])}; fit plans {span(errors[True])}.\n\n" +
+          f"{span(errors[False])}; fit plans {span(errors[True])}.{drift}\n\n" +
           table(["group", "mesh", "schedule", "compression", "mode", "step ms", "steps",
                  "tokens/s", "MFU", "predicted ms", "prediction error", "test NDCG@10", "source"],
                 body))

@@ -21,7 +21,8 @@ from tests import numerics
 from tests.helpers import LAYOUT_RTOL, step_losses, tiny_config
 
 STEPS = 3
-# (2, 2, 2) with 3 blocks: stages of 2 and 1 (stage-local, in slots).
+# (2, 2, 2) with 3 blocks: stages of 2 and 1 (stage-local, in slots), GPipe (1F1B with ZeRO-1
+# and uneven stage-local stages: tests/test_launch.py, over 2 processes).
 CASES = [(1, (4, 2, 1)), (3, (4, 2, 1)), (1, (2, 2, 2))]
 
 
@@ -29,6 +30,7 @@ def _config(zero, mesh, layers=3):
   c = tiny_config(data=mesh[0], tensor=mesh[1], pipe=mesh[2])
   c.dp.zero = zero
   c.model.num_layers = layers
+  c.pipeline.schedule = "gpipe"
   return c
 
 
