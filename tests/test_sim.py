@@ -408,6 +408,12 @@ def test_event_driven_and_interleaved_pipelines_match_their_formulas():
   assert lock.step_s > one.step_s
   with pytest.raises(ConfigError, match="virtual=3 stages need"):
     sim.simulate(big, batch, c, dataclasses.replace(plan, virtual=3))
+  # Zero-bubble (ZB-H1): the weight gradients fill the bubble down to (P-1) forwards.
+  zb = sim.simulate(big, batch, c, dataclasses.replace(plan, schedule=sim.ZERO_BUBBLE))
+  assert zb.step_s < one.step_s and zb.bubble < one.bubble / 2, (zb.bubble, one.bubble)
+  assert zb.memory["total"] == one.memory["total"]  # 1F1B's order and buffers
+  with pytest.raises(ConfigError, match="zb-h1"):
+    sim.simulate(big, batch, c, dataclasses.replace(plan, schedule=sim.ZERO_BUBBLE, lockstep=True))
 
 
 def test_published_runs_counting_and_reproduction():

@@ -30,6 +30,11 @@ from rec_llm.sim import cost_model as cm
 from rec_llm.sim.cluster import Cluster, collective_time
 
 TICK_OPS = 20  # dispatches per pipeline tick beyond the ops themselves (conds, slot updates)
+# Zero-bubble pipelining (ZB-H1, Qi et al., arXiv:2401.10241): the backward split into its
+# input-gradient half, on the critical path, and its weight-gradient half, which fills the
+# bubbles; 1F1B's order and memory, a bubble of (P-1) x (f + b/2 - b/2) instead of
+# (P-1) x (f + b). Cost model only.
+ZERO_BUBBLE = "zb-h1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +120,12 @@ def check_plan(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan) -> tuple[i
                           or plan.stage_layers):
     raise ConfigError(f"virtual={plan.virtual} stages need pipe > 1, the 1f1b schedule and "
                       f"even stages whose {m.num_layers} blocks split into pipe x virtual chunks")
-  if plan.schedule not in schedules.SCHEDULES:
-    raise ConfigError(f"schedule {plan.schedule!r} is unknown; choose one of {list(schedules.SCHEDULES)}")
+  if plan.schedule == ZERO_BUBBLE and (plan.lockstep or plan.virtual > 1):
+    raise ConfigError(f"schedule {ZERO_BUBBLE!r} is modelled for stages that run as soon as "
+                      "their input arrives (lockstep=False), without virtual stages")
+  if plan.schedule not in schedules.SCHEDULES + (ZERO_BUBBLE,):
+    raise ConfigError(f"schedule {plan.schedule!r} is unknown; choose one of "
+                      f"{list(schedules.SCHEDULES) + [ZERO_BUBBLE]}")
   if plan.zero not in (0, 1, 3):
     raise ConfigError(f"zero={plan.zero!r} is unknown; choose 0, 1 or 3 (dp.zero)")
   if plan.zero and m.d_model % d:
@@ -138,6 +147,7 @@ def check_plan(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan) -> tuple[i
 
 @functools.lru_cache(maxsize=4096)
 def _schedule(kind: str, stages: int, microbatches: int) -> schedules.Schedule:
+  kind = "1f1b" if kind == ZERO_BUBBLE else kind  # (ZB-H1 keeps 1F1B's order)
   # One stage: its microbatches one after another, each forward then backward (1F1B's
   # table), one in flight (gradient accumulation).
   return schedules.build(kind if stages > 1 else "1f1b", stages, microbatches)
@@ -513,6 +523,8 @@ def _async_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, pla
     b = costs.bwd / row + costs.tp_bwd + costs.tick_extra
     total = schedules.async_seconds(sched, f, b, costs.p2p / 2)
     busy = ops_per_stage * (f + b)
+    if plan.schedule == ZERO_BUBBLE:  # weight gradients fill (P-1) backwards' worth of bubble
+      total = max(total - (len(f) - 1) * float(b.max()), float(busy.max()))
     out.append((total, float(ops_per_stage * ((costs.fwd + costs.bwd) / row).max()),
                 float(ops_per_stage * (costs.tp_fwd + costs.tp_bwd).max()),
                 float(1.0 - busy.sum() / (len(f) * total)), row))
