@@ -110,6 +110,13 @@ def parts(r) -> dict:
           "optimizer": b["optimizer"], "straggler": b["straggler_s"], "overhead": b["overhead"]}
 
 
+def compact_breakdown(r) -> str:
+  """A simulated row's step in its main parts (ms), as `parts` splits it."""
+  p = parts(r)
+  return " / ".join(f"{1e3 * p[k]:.1f}" for k in ("compute (+bubble)", "TP comm",
+                                                  "pipe p2p + grads", "DP exposed", "optimizer"))
+
+
 def breakdown_table(rows) -> str:
   head = ["row", "step", "compute (+bubble)", "of it bubble", "TP comm", "pipe p2p + grads",
           "DP comm (all)", "DP exposed", "compression", "optimizer", "straggler", "overhead"]
@@ -128,8 +135,8 @@ WHY = {  # what each part of the simulated step is, in the simulator's model
     "pipe p2p + grads": "activation sends and the stage-gradient gather",
     "DP exposed": "the gradient reduction the backward does not hide",
     "compression": "encoding and decoding the gradient",
-    "optimizer": "AdamW over every parameter a device holds: parameters and moments are "
-                 "replicated over `data` (no optimizer-state sharding), split over `tensor`",
+    "optimizer": "AdamW over the parameters whose moments a device keeps: its whole tensor "
+                 "shard, or 1/data of it with ZeRO",
     "straggler": "waiting for the slowest device",
     "overhead": "per-step dispatch"}
 
@@ -197,13 +204,14 @@ def strategies_section(rows) -> tuple[str, list[list]]:
       for r in rs:
         if r["status"] == "ok":
           body.append([strategy(r), comp_label(r), r["mesh"], sched(r), ms(r["step_time_s"]),
-                       tok(r["tokens_per_s"]), pct(r["mfu"]), f"{r['memory_gib']:.1f}",
-                       source(r), ""])
+                       compact_breakdown(r), tok(r["tokens_per_s"]), pct(r["mfu"]),
+                       f"{r['memory_gib']:.1f}", source(r), ""])
         else:
           body.append([strategy(r), r["point"]["compression"], r.get("mesh"), None, None, None,
-                       None, None, source(r), f"{r['status']}: {r.get('reason', '')}"])
+                       None, None, None, source(r), f"{r['status']}: {r.get('reason', '')}"])
       out.append(table(["strategy", "compression", "mesh d x t x p", "schedule", "step ms",
-                        "tokens/s", "MFU", "memory GiB", "source", "note"], body))
+                        "of which compute / TP / pipe / DP exposed / optimizer ms", "tokens/s",
+                        "MFU", "memory GiB", "source", "note"], body))
       out.append("")
       short = []
       for label, ok_fn in (("Without compression", lambda r: r["point"]["compression"] == "none"),

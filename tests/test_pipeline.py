@@ -20,7 +20,7 @@ from tests.helpers import LAYOUT_RTOL, tiny_config
 LAYERS = 8
 # (data, tensor, pipe, microbatches, non-uniform stage_layers)
 LAYOUTS = [(4, 1, 2, 4, None), (2, 2, 2, 4, (5, 3)), (1, 4, 2, 4, None),
-           (2, 1, 4, 8, (1, 3, 3, 1)), (1, 2, 4, 8, (1, 3, 3, 1)), (1, 1, 8, 16, None)]
+           (2, 1, 4, 8, (1, 3, 3, 1)), (1, 2, 4, 8, None), (1, 1, 8, 16, None)]
 
 
 def _config(data=1, tensor=1, pipe=1, schedule="1f1b", microbatches=1, stage_layers=()):

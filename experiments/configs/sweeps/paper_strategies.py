@@ -4,7 +4,7 @@ compression, scaling 8 -> 512 devices, synchronous vs asynchronous data parallel
   python -m experiments.sweep --config=experiments/configs/sweeps/paper_strategies.py --workdir=/tmp/paper
   python -m experiments.paper_tables --results=/tmp/paper --out=experiments/results/paper_tables.md
 
-Expected: 88 simulated points (75 ok, 13 infeasible with the reason) in about 40 seconds on
+Expected: 96 simulated points (77 ok, 19 infeasible with the reason) in about 40 seconds on
 the 2-core CPU machine, no accelerator needed; the tables as in
 experiments/results/paper_tables.md (hybrid / best single strategy on 16 H100 nodes: 1.26x
 throughput without compression, 1.17x with the best compression of each; 5.30x and 5.66x
@@ -23,7 +23,8 @@ Groups (experiments/paper_tables.py builds its tables from them by name):
                   H100 node (h100x8) and on 16 nodes (h100x128)
   strategies_2m   the same with the shipped 2M-item table on h100x128
   strategies_7b   a 7B model (32 x 4096) on h100x128; strategies_61b: 61B (80 x 8192) on
-                  1,024 H100s
+                  1,024 H100s; strategies_200m: a 200M-item table on 1,024 H100s;
+                  strategies_mixed: 2 A100 + 2 H100 nodes (per-device roofline)
   rows_per_device the hybrid / pure DP comparison at 2, 8 and 32 sequences per GPU
   scaling         8 -> 512 H100s (h100x128's nodes and links), weak scaling
   dp_modes        sync vs stale (2 steps) vs local SGD (8 steps), pure DP and hybrid
@@ -56,6 +57,13 @@ def get_config(arg=None):
            compressions=("none", "powersgd"), meshes=("dp", "tp", "pp", "hybrid"),
            overrides=dict(PAPER_MODEL, model=dict(num_layers=80, d_model=8192, num_heads=64,
                                                   mlp_dim=28672))),
+      # A 200M-item table (410B parameters in the table) on 1,024 H100s, and a heterogeneous
+      # cluster (2 A100 nodes + 2 H100 nodes).
+      dict(name="strategies_200m", clusters=("h100x128",), devices=(1024,),
+           compressions=("none",), meshes=("dp", "tp", "pp", "hybrid"),
+           overrides=dict(data=dict(num_items=200_000_000))),
+      dict(name="strategies_mixed", clusters=("mixed_a100_h100",), compressions=("none",),
+           meshes=("dp", "tp", "pp", "hybrid")),
       dict(name="rows_per_device", clusters=("h100x128",), rows_per_device=(2, 8, 32),
            meshes=("dp", "hybrid"), compressions=("none", "any")),
       dict(name="scaling", clusters=("h100x128",), devices=(8, 16, 32, 64, 128, 256, 512),
