@@ -179,6 +179,13 @@ def test_heterogeneous_cluster_and_balance():
   assert flops_bound == pytest.approx(312 / 989) and memory_bound == pytest.approx(2039 / 3350)
   assert c.effective_speeds(0.5)[-1] == 1.0
   assert c.total_peak_flops == pytest.approx(16 * 312e12 + 16 * 989e12)
+  # Batch shares in proportion to replica speed: every replica finishes with the harmonic
+  # mean of the even-share times, faster than the A100 replicas alone.
+  even = sim.simulate(m, batch, c, dataclasses.replace(base, pipe=1, tensor=8, data=4,
+                                                       microbatches=1))
+  shared = sim.simulate(m, batch, c, dataclasses.replace(base, pipe=1, tensor=8, data=4,
+                                                         microbatches=1, batch_shares=True))
+  assert shared.breakdown["pipeline"] < 0.8 * even.breakdown["pipeline"]
   share = cm.compute_share(c, m, 8)
   assert 0 < share < 1
   assert sim.replica_stage_speeds(c, base, m)[0, 0] == pytest.approx(c.effective_speeds(share)[0])

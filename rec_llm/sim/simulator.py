@@ -82,6 +82,9 @@ class Plan:
   sequence_parallel: bool = False
   selective: bool = False
   overlap_tensor: bool = False
+  # Heterogeneous clusters: each data replica gets a share of the batch proportional to its
+  # speed, so all finish together (rec_llm's SPMD step splits the batch evenly).
+  batch_shares: bool = False
 
   @property
   def mesh(self) -> str:
@@ -490,11 +493,23 @@ def _slowest_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, p
   """(pipeline seconds, tick seconds, tick compute, per-op compute, stage speeds) of the
   slowest data replica. Replicas with the same stage speeds take the same time: each kind
   is simulated once."""
+  rows, counts = np.unique(replica_stage_speeds(c, plan, m), axis=0, return_counts=True)
   per_replica = []
-  for row in np.unique(replica_stage_speeds(c, plan, m), axis=0):
+  for row in rows:
     ticks, tick_comp, comp = _tick_times(sched, costs, row, c, plan.data * plan.tensor)
     per_replica.append((float(ticks.sum()), ticks, tick_comp, comp, row))
-  return max(per_replica, key=lambda x: x[0])
+  slowest = max(per_replica, key=lambda x: x[0])
+  k = _shares_factor(plan, [r[0] for r in per_replica], counts, slowest[0])
+  return (slowest[0] * k, slowest[1] * k, slowest[2] * k, slowest[3] * k, slowest[4])
+
+
+def _shares_factor(plan: Plan, times, counts, slowest: float) -> float:
+  """With Plan.batch_shares, each replica's rows in proportion to 1 / its time at an even
+  share: all take data / sum(1 / time), this factor of the slowest one's (work is taken as
+  linear in the rows)."""
+  if not plan.batch_shares:
+    return 1.0
+  return float(sum(counts) / sum(n / t for t, n in zip(times, counts)) / slowest)
 
 
 def _pipe_grads_time(m: cm.ModelSpec, c: Cluster, plan: Plan, width: int, groups: dict,
@@ -517,8 +532,9 @@ def _async_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, pla
   """(pipeline seconds, its compute, its tensor comm, bubble, stage speeds) of the slowest
   replica when stages run their ops as soon as their inputs arrive (Plan.lockstep False)."""
   ops_per_stage = plan.microbatches * plan.virtual
+  rows, counts = np.unique(replica_stage_speeds(c, plan, m), axis=0, return_counts=True)
   out = []
-  for row in np.unique(replica_stage_speeds(c, plan, m), axis=0):
+  for row in rows:
     f = costs.fwd / row + costs.tp_fwd + costs.tick_extra
     b = costs.bwd / row + costs.tp_bwd + costs.tick_extra
     total = schedules.async_seconds(sched, f, b, costs.p2p / 2)
@@ -528,7 +544,9 @@ def _async_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, pla
     out.append((total, float(ops_per_stage * ((costs.fwd + costs.bwd) / row).max()),
                 float(ops_per_stage * (costs.tp_fwd + costs.tp_bwd).max()),
                 float(1.0 - busy.sum() / (len(f) * total)), row))
-  return max(out, key=lambda x: x[0])
+  slowest = max(out, key=lambda x: x[0])
+  k = _shares_factor(plan, [r[0] for r in out], counts, slowest[0])
+  return (slowest[0] * k, slowest[1] * k, slowest[2] * k, slowest[3], slowest[4])
 
 
 def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bool = False) -> Result:
