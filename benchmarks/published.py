@@ -190,7 +190,8 @@ def source_plan(run) -> sim.Plan:
                   remat=recompute == "full", selective=recompute.startswith("selective"),
                   sequence_parallel=recompute.endswith("+sp"), zero=zero, virtual=virtual,
                   lockstep=False, accumulate=pipe == 1 and microbatches > 1,
-                  overlap_tensor=run["source"] == "maxtext")
+                  overlap_tensor=run["source"] == "maxtext",
+                  zero_flat=True)  # (the sources' sharded optimizers split flat buffers)
 
 
 def _simulate(run, efficiency: float | None = None):
@@ -231,7 +232,7 @@ def reproduce(run, efficiency: float | None = None) -> dict:
           "breakdown": res.breakdown}
 
 
-# One matmul efficiency per device kind, fitted on one run each (the first of its source's
+# One matmul efficiency per device kind, fitted on one run each (the first of a source's
 # table); every other run on that device is a prediction with it.
 FIT_ON = {"a100_80gb": "megatron21_1.7b", "h100": "llama3_405b_8192",
           "tpu_v5p": "maxtext_v5p_32b"}

@@ -442,3 +442,19 @@ def test_published_runs_counting_and_reproduction():
   for rid in ("megatron21_39b", "megatron21_1t", "korthikanti22_175b", "korthikanti22_1t_sp"):
     err = published._simulate(runs[rid], eff)[1]
     assert abs(err) < 0.15, (rid, err)
+
+
+def test_flat_zero_splits_every_leaf_over_any_data_size():
+  """Plan.zero_flat (a distributed optimizer's flat buffer): any data size, the state split
+  evenly; rec_llm's own ZeRO splits `embed` and needs data to divide d_model."""
+  c, batch = cluster.preset("h100", 48), sim.Batch(48 * 4, 200)
+  plan = sim.Plan(data=48, zero=1)
+  with pytest.raises(ConfigError, match="does not divide"):
+    sim.simulate(LARGE, batch, c, plan)
+  flat = dataclasses.replace(plan, zero_flat=True)
+  held = sim.state_params(LARGE, flat, (LARGE.num_layers,))
+  assert held["updated"] == pytest.approx(held["replica"] / 48)
+  r = sim.simulate(LARGE, batch, c, flat)
+  gathered = [x for x in sim.dp_reductions(LARGE, flat, LARGE.num_layers, 1)
+              if x.aggregator == "all_gather"]
+  assert gathered[0].numel == held["replica"] and r.step_s > 0

@@ -85,6 +85,9 @@ class Plan:
   # Heterogeneous clusters: each data replica gets a share of the batch proportional to its
   # speed, so all finish together (rec_llm's SPMD step splits the batch evenly).
   batch_shares: bool = False
+  # ZeRO over a flat buffer (Megatron-LM's distributed optimizer, DeepSpeed): every leaf
+  # split over data, whatever its shapes; rec_llm splits each leaf's `embed` axis instead.
+  zero_flat: bool = False
 
   @property
   def mesh(self) -> str:
@@ -131,7 +134,7 @@ def check_plan(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan) -> tuple[i
                       f"{list(schedules.SCHEDULES) + [ZERO_BUBBLE]}")
   if plan.zero not in (0, 1, 3):
     raise ConfigError(f"zero={plan.zero!r} is unknown; choose 0, 1 or 3 (dp.zero)")
-  if plan.zero and m.d_model % d:
+  if plan.zero and m.d_model % d and not plan.zero_flat:
     raise ConfigError(f"zero={plan.zero} splits state along d_model={m.d_model}, which data={d} "
                       "does not divide")
   if plan.zero == 3 and (p > 1 or uses_dp_step(plan)):
@@ -333,7 +336,11 @@ def state_params(m: cm.ModelSpec, plan: Plan, sizes) -> dict:
   layers = max(sizes) if stage_local(plan) else m.num_layers
   count = lambda data: sum(math.prod(s) for s in arithmetic.param_shapes(
       m, plan.tensor, layers, data=data).values())
-  replica, split = count(1), count(plan.data if plan.zero else 1)
+  replica = count(1)
+  if plan.zero and plan.zero_flat:
+    split = replica / plan.data
+  else:
+    split = count(plan.data if plan.zero else 1)
   return {"params": split if plan.zero == 3 else replica, "updated": split, "replica": replica}
 
 
@@ -408,8 +415,11 @@ def dp_reductions(m: cm.ModelSpec, plan: Plan, width: int, group: int) -> list:
     out = [payload.Reduction("psum", total)]
   if not plan.zero:
     return out
-  sharded = arithmetic.param_shapes(m, plan.tensor, layers, data=plan.data)
-  split = {p: math.prod(s) for p, s in whole.items() if s != sharded[p]}
+  if plan.zero_flat:  # every leaf split over data
+    split = {p: math.prod(s) for p, s in whole.items()}
+  else:
+    sharded = arithmetic.param_shapes(m, plan.tensor, layers, data=plan.data)
+    split = {p: math.prod(s) for p, s in whole.items() if s != sharded[p]}
   if not uses_dp_step(plan):
     kept = total - sum(split.values())
     out = [payload.Reduction("reduce_scatter", total - kept), payload.Reduction("psum", kept)]
