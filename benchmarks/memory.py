@@ -9,8 +9,8 @@ program's memory analysis, beside the analytic count, in JSON.
 Per device: parameters and optimizer state as held (bytes of device 0's shards) and as
 the simulator counts them (sim.state_params; float32; AdamW: two moments per parameter); the
 compiled step's arguments (state + batch), temporaries (activations, gradients, collective
-buffers) and peak = arguments + outputs - aliases + temporaries. With even pipeline stages
-(and no adaptive re-partitioning) each stage holds only its own blocks.
+buffers) and peak = arguments + outputs - aliases + temporaries. With pipeline.stage_local
+(the default) each stage holds only its own blocks (uneven stages: max(stage_layers) slots).
 
 The largest model under a per-device budget: for each fit layout (`:0` after the zero
 stage: pipeline.stage_local=False) and width (d_model, with the MLP at 4 x d_model), the

@@ -10,8 +10,8 @@ step (rec_llm/parallel/hlo_stats.py); collectives inside the per-tick branches a
 counted as if every branch ran every tick, and those inside a stage's block loops as if
 every stage had the longest stage's blocks; the formulas count the same way (parameter
 counts from rec_llm/models/arithmetic.py, the data axis's reductions and ZeRO gathers from
-rec_llm.sim.simulator.dp_reductions). Even stages are stage-local (each keeps its blocks'
-gradients: no gather over pipe). Step times on virtual CPU devices only compare as ratios
+rec_llm.sim.simulator.dp_reductions). Stages are stage-local (pipeline.stage_local, the
+default, uneven ones included: each keeps its blocks' gradients, no gather over pipe). Step times on virtual CPU devices only compare as ratios
 within one run.
 """
 

@@ -195,17 +195,17 @@ def source_plan(run) -> sim.Plan:
 
 
 def _simulate(run, efficiency: float | None = None):
-  """(result, predicted / published throughput - 1) on the device's preset (its matmul
-  efficiency replaced by `efficiency` when given)."""
+  """(result, predicted TFLOP/s per device counted as the source counts, predicted /
+  published throughput - 1) on the device's preset (its matmul efficiency replaced by
+  `efficiency` when given)."""
   c = cluster_lib.preset(run["device"], run["gpus"])
   if efficiency is not None:
     c = dataclasses.replace(c, efficiency=efficiency)
   res = sim.simulate(_spec(run), sim.Batch(run["batch"], run["model"][5]), c, source_plan(run))
+  tflops = COUNTINGS[run["counting"]](run) / res.step_s / run["gpus"] / 1e12
   kind, value = run["published"]
   # throughput, predicted over published (a published step time: its inverse)
-  if kind == "step_s":
-    return res, value / res.step_s - 1
-  return res, COUNTINGS[run["counting"]](run) / res.step_s / run["gpus"] / 1e12 / value - 1
+  return res, tflops, (value / res.step_s if kind == "step_s" else tflops / value) - 1
 
 
 def fit_efficiency(run, lo: float = 0.2, hi: float = 1.0) -> float:
@@ -213,20 +213,18 @@ def fit_efficiency(run, lo: float = 0.2, hi: float = 1.0) -> float:
   (bisection: the error rises with the efficiency)."""
   for _ in range(40):
     mid = (lo + hi) / 2
-    lo, hi = (mid, hi) if _simulate(run, mid)[1] < 0 else (lo, mid)
+    lo, hi = (mid, hi) if _simulate(run, mid)[2] < 0 else (lo, mid)
   return (lo + hi) / 2
 
 
 def reproduce(run, efficiency: float | None = None) -> dict:
-  res, err = _simulate(run, efficiency)
-  plan = source_plan(run)
-  flops = COUNTINGS[run["counting"]](run)
+  res, tflops, err = _simulate(run, efficiency)
   kind, value = run["published"]
   return {"id": run["id"], "source": run["source"], "device": run["device"], "gpus": run["gpus"],
           "model": dict(zip(("layers", "hidden", "heads", "mlp", "vocab", "seq"), run["model"])),
-          "batch": run["batch"], "plan": dataclasses.asdict(plan), "counting": run["counting"],
-          "published": {kind: value}, "predicted": {"step_s": res.step_s, "tflops": (
-              flops / res.step_s / run["gpus"] / 1e12)}, "simulated_dense_mlp": _dense_mlp(run),
+          "batch": run["batch"], "plan": dataclasses.asdict(res.plan), "counting": run["counting"],
+          "published": {kind: value}, "predicted": {"step_s": res.step_s, "tflops": tflops},
+          "simulated_dense_mlp": _dense_mlp(run),
           "rel_err": err, "within_tolerance": abs(err) <= _TOLERANCE,
           "step_s": res.step_s, "fits": res.fits, "memory_gib": res.memory["total"] / 2**30,
           "breakdown": res.breakdown}
@@ -238,16 +236,16 @@ FIT_ON = {"a100_80gb": "megatron21_1.7b", "h100": "llama3_405b_8192",
           "tpu_v5p": "maxtext_v5p_32b"}
 
 
-def planner_pick(run, efficiency: float) -> dict:
+def planner_pick(run, efficiency: float, source_s: float) -> dict:
   """The planner's best plan for the run's model, batch and cluster (rec_llm's engine: no
   compression, lock-step pipeline ticks, no interleaving, accumulation or sequence
-  parallelism), its throughput relative to the source's layout as the source runs it."""
+  parallelism), its throughput relative to the source's layout as the source runs it
+  (`source_s`: that layout's simulated step at this efficiency)."""
   c = dataclasses.replace(cluster_lib.preset(run["device"], run["gpus"]), efficiency=efficiency)
   best, stats = planner.plan(_spec(run), sim.Batch(run["batch"], run["model"][5]), c, top=1,
                              options=planner.Options(compressions=("none",)))
   if not best:
     return {"fits": False, "considered": stats["considered"], "seconds": stats["seconds"]}
-  source_s = _simulate(run, efficiency)[0].step_s
   return {**best[0].row(), "vs_source_layout": source_s / best[0].step_s,
           "considered": stats["considered"], "seconds": stats["seconds"]}
 
@@ -272,7 +270,7 @@ def main(argv):
     row["fitted"] = {"efficiency": fitted[run["device"]], "fitted_on": FIT_ON[run["device"]],
                      "held_out": run["id"] != FIT_ON[run["device"]],
                      **{k: fit[k] for k in ("predicted", "rel_err", "within_tolerance")}}
-    row["planner"] = planner_pick(run, fitted[run["device"]])
+    row["planner"] = planner_pick(run, fitted[run["device"]], fit["predicted"]["step_s"])
     rows.append(row)
     print(_line(row, "datasheet") + "   " + _line(row, "fitted")[56:])
   summary = {"datasheet_within": sum(r["datasheet"]["within_tolerance"] for r in rows),

@@ -440,7 +440,7 @@ def test_published_runs_counting_and_reproduction():
   eff = published.fit_efficiency(runs["megatron21_1.7b"])
   assert 0.7 < eff < 0.9, eff
   for rid in ("megatron21_39b", "megatron21_1t", "korthikanti22_175b", "korthikanti22_1t_sp"):
-    err = published._simulate(runs[rid], eff)[1]
+    err = published._simulate(runs[rid], eff)[2]
     assert abs(err) < 0.15, (rid, err)
 
 

@@ -93,17 +93,22 @@ class ModelSpec:
 def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int, sp: bool = False) -> dict:
   """Per token, one device: flops, bytes split over t, bytes replicated; per call: dense bytes.
 
-  'block_fwd' / 'block_bwd', 'embed' (forward + backward), 'head' (norm + vocab-parallel
-  softmax cross-entropy, forward + backward: the last stage runs both in one tick).
+  'block_fwd' / 'block_bwd', 'attention_core' (the scores, softmax and weighted values of
+  one forward, inside 'block_fwd': what selective recomputation repeats), 'embed' (forward +
+  backward), 'head' (norm + vocab-parallel softmax cross-entropy, forward + backward: the
+  last stage runs both in one tick).
   Element-wise byte counts are estimates (passes over each activation); calibrated clusters
   only use their ratios. `sp` (sequence parallelism): the [d]-wide element-wise work (norms,
   residuals) is split over t too.
   """
   d, f, h, H, V, e = m.d_model, m.mlp_dim, m.d_model, m.num_heads, m.vocab_size, m.act_bytes
+  core_flops, core_bytes = 4 * seq * h, SCORE_BYTES[m.attention][0] * H * seq
+  if comp == "attention_core":
+    return dict(flops=core_flops / t, split=core_bytes / t, rep=0.0, dense=0.0, ops=0)
   if comp in ("block_fwd", "block_bwd"):
     k = 1 if comp == "block_fwd" else 2  # backward: twice the forward's matmuls and passes
-    return dict(flops=k * (2 * (4 * d * h + 2 * d * f) + 4 * seq * h) / t,
-                split=k * (e * (4 * h + 4 * f) + SCORE_BYTES[m.attention][0] * H * seq) / t,
+    return dict(flops=k * (2 * (4 * d * h + 2 * d * f) + core_flops) / t,
+                split=k * (e * (4 * h + 4 * f) + core_bytes) / t,
                 rep=k * e * 12 * d / (t if sp else 1), dense=0.0, ops=15 * k)
   if comp == "embed":
     # vocab-parallel gather + psum, scale, positions, mask; backward scatter-adds into a
@@ -123,19 +128,22 @@ def compute_share(c: cluster_lib.Cluster, m: ModelSpec, t: int = 1, sp: bool = F
   bandwidth combine (Cluster.effective_speeds)."""
   flops = mem = 0.0
   for comp in ("block_fwd", "block_bwd"):
-    p = _roofline_parts(m, comp, m.max_len, t, sp)
-    flops += p["flops"] / (c.peak_flops * c.efficiency)
-    mem += (p["split"] + p["rep"]) / (c.memory_bandwidth * c.mem_efficiency)
+    f, b = _per_token_seconds(c, _roofline_parts(m, comp, m.max_len, t, sp))
+    flops, mem = flops + f, mem + b
   return flops / (flops + mem)
+
+
+def _per_token_seconds(c: cluster_lib.Cluster, p: dict) -> tuple[float, float]:
+  """(arithmetic, memory traffic) seconds per token of roofline parts `p`."""
+  return (p["flops"] / (c.peak_flops * c.efficiency),
+          (p["split"] + p["rep"]) / (c.memory_bandwidth * c.mem_efficiency))
 
 
 def roofline_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t: int,
                   sp: bool = False) -> float:
   p = _roofline_parts(m, comp, m.max_len, t, sp)
-  flops_rate = c.peak_flops * c.efficiency
-  bw = c.memory_bandwidth * c.mem_efficiency
-  return (p["ops"] * c.call_overhead + p["dense"] / bw
-          + n * (p["flops"] / flops_rate + (p["split"] + p["rep"]) / bw))
+  return (p["ops"] * c.call_overhead + elementwise_time(c, p["dense"])
+          + n * sum(_per_token_seconds(c, p)))
 
 
 _MEASURED = {"block_fwd": ("block", "fwd_s"), "block_bwd": ("block", "bwd_s"),
@@ -178,10 +186,7 @@ def component_time(c: cluster_lib.Cluster, m: ModelSpec, comp: str, n: float, t:
 def attention_core_time(c: cluster_lib.Cluster, m: ModelSpec, n: float, t: int = 1) -> float:
   """One forward of attention's core (scores, softmax, weighted values) for n tokens: what
   selective recomputation repeats in the backward (Korthikanti et al. 2022)."""
-  seq, h = m.max_len, m.d_model
-  return n * (4 * seq * h / t / (c.peak_flops * c.efficiency)
-              + SCORE_BYTES[m.attention][0] * m.num_heads * seq / t
-              / (c.memory_bandwidth * c.mem_efficiency))
+  return roofline_time(c, m, "attention_core", n, t)
 
 
 def host_speedup(c: cluster_lib.Cluster, busy: int) -> float:

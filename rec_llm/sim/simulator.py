@@ -572,16 +572,18 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   # interleaved: the tick table of microbatches x virtual chunk-ops per stage
   sched = _schedule(plan.schedule, p, plan.microbatches * plan.virtual)
   mr = dataclasses.replace(m, max_len=batch.seq_len)  # (the roofline of this batch's width)
-  pipe_s, ticks, tick_comp, _, row = _slowest_replica(sched, costs, c, plan, mr)
-  ops = sched.op
-  bubble = schedules.bubble_fraction(sched, costs.fwd / row, costs.bwd / row)
-  tp_s = float(np.where(ops == schedules.FWD, costs.tp_fwd,
-                        np.where(ops == schedules.BWD, costs.tp_bwd, 0.0)).max(axis=1).sum())
-  compute_s = float(tick_comp.sum())
-  p2p_s = costs.p2p * sched.ticks if p > 1 else 0.0
   if p > 1 and not plan.lockstep:
     pipe_s, compute_s, tp_s, bubble, row = _async_replica(sched, costs, c, plan, mr)
     p2p_s = costs.p2p * plan.microbatches * plan.virtual  # one send each way per op
+    ticks = tick_comp = None  # (no ticks to draw: the trace is of lock-step plans)
+  else:
+    pipe_s, ticks, tick_comp, _, row = _slowest_replica(sched, costs, c, plan, mr)
+    ops = sched.op
+    bubble = schedules.bubble_fraction(sched, costs.fwd / row, costs.bwd / row)
+    tp_s = float(np.where(ops == schedules.FWD, costs.tp_fwd,
+                          np.where(ops == schedules.BWD, costs.tp_bwd, 0.0)).max(axis=1).sum())
+    compute_s = float(tick_comp.sum())
+    p2p_s = costs.p2p * sched.ticks if p > 1 else 0.0
   pipe_grads = _pipe_grads_time(m, c, plan, width, groups, stage_local(plan))
   dp, comp_s, dp_bytes = _data_parallel(m, c, plan, width, groups)
   n_dev = c.devices
@@ -602,7 +604,7 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   straggler_s = (strag - 1.0) * (compute_s + opt + comp_s)
   # the blocks' backward (the head's comes first, before any block gradient exists)
   window = float((costs.bwd[0] - costs.head) / row[0])
-  forward = float(costs.fwd[0] / row[0]) * plan.microbatches
+  forward = float(costs.fwd[0] / row[0])  # (like `window`: one microbatch's)
   dp_exposed = _exposed_dp(c, plan, dp, window, compute_total, forward)
   step = compute_total + straggler_s + dp_exposed + c.step_overhead
   tokens = batch.global_batch * batch.seq_len

@@ -137,9 +137,9 @@ def rebalance(run, state, batch, done: int, compile_s: float, rebuild, step_fn, 
   """At step `done`: re-partitions the stages if measured costs say it pays (`decide`).
 
   Returns (run, compiled step, its compile seconds, state): new ones after a re-partition
-  (`rebuild` makes the run of a config; the state moves into its layout), else those given. Logs the decision, and after a
-  re-partition the stage times before and after, timed afresh (not the decision's
-  numbers, which picked the fastest of several)."""
+  (`rebuild` makes the run of a config; the state moves into its layout), else those given.
+  Logs the decision, and after a re-partition the stage times before and after, timed afresh
+  (not the decision's numbers, which picked the fastest of several)."""
   cfg = run.config
   new, reason = decide(run, state, batch, cfg.train.steps - done, compile_s)
   rec = {"step": done, "balance": reason, "balance/rebalanced": int(reason["rebalance"])}

@@ -29,6 +29,7 @@ class StateLayout:
   sizes: tuple | None      # the stages' block counts when stored as slots, else None
   stored_shardings: Any
   canonical_shardings: Any
+  _jitted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def identity(self) -> bool:
@@ -58,11 +59,16 @@ class StateLayout:
     return self.blocks if part is None else getattr(self.blocks, part)
 
   def _run(self, fn, shardings, state, part):
-    # (Not donating: the blocks change shape, so their buffers could not be reused.)
+    # One program per (direction, part), compiled once and reused at every checkpoint and
+    # evaluation. (Not donating: the blocks change shape, so their buffers could not be
+    # reused.)
     if self.identity:
       return state
-    out = shardings if part is None else getattr(shardings, part)
-    return jax.jit(lambda s: fn(s, part), out_shardings=out)(state)
+    key = (fn.__name__, part)
+    if key not in self._jitted:
+      out = shardings if part is None else getattr(shardings, part)
+      self._jitted[key] = jax.jit(lambda s: fn(s, part), out_shardings=out)
+    return self._jitted[key](state)
 
 
 def make(abstract_boxed_state, sizes, stored_shardings, canonical_shardings) -> StateLayout:

@@ -362,8 +362,9 @@ def train(config: ConfigDict, workdir: str | None = None,
 
   def save(done):
     nonfinite.check(done, int(to_host(state.skipped)))  # refuse to save after a bad step
-    ckpt.save(done, run.layout.canonical(state), {"step": done, "data_position": done, "elapsed_s": elapsed(),
-                            "mesh": mesh_lib.describe(run.mesh), "config": config_record})
+    ckpt.save(done, run.layout.canonical(state),  # checkpoints hold the canonical layout
+              {"step": done, "data_position": done, "elapsed_s": elapsed(),
+               "mesh": mesh_lib.describe(run.mesh), "config": config_record})
 
   preempt = _Preemption()
   try:
