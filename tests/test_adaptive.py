@@ -36,7 +36,10 @@ def _config(balance):
   # these tiny ops, and on a machine busy with other tests that is within noise. From
   # (3, 9) it is ~15%, so the decision does not hinge on the noise.)
   c.model.update(num_layers=12, d_model=64, num_heads=2, mlp_dim=256, max_len=32)
-  c.data.num_items = 20000
+  # The head must stay lighter than most of the blocks, or no split gets within 1.10: with
+  # 20,000 items it cost 10-14 blocks on this machine on a slow day, the best split (11, 1)
+  # left 1.13 and the test failed on noise-free grounds.
+  c.data.num_items = 10000
   c.train.update(steps=4, batch_size=64, log_every=1)
   # GPipe: a forward phase then a backward phase (the head in the last stage's backward
   # ticks), each as slow as its slowest stage. (1F1B's lock-step ticks pair one stage's
