@@ -60,12 +60,23 @@ def tok(x):
 
 
 def pct(x):
+  if x is not None and 0 < x < 1e-3:  # (a tiny MFU would print as 0.0%)
+    return f"{100 * x:.3f}%"
   return None if x is None else f"{100 * x:.1f}%"
+
+
+SHARES_NOTE = ("'batch shares': each data replica gets rows in proportion to its speed, so all "
+               "finish together (`Plan.batch_shares`, which the planner tries where replicas "
+               "differ in speed). Simulated only: the engine splits the batch evenly, so such a "
+               "plan cannot be run or measured as planned; the ratio lines of (a) also give the "
+               "figure with equal shares.")
 
 
 def source(r) -> str:
   if r["source"] == "measured":
     return f"measured ({r.get('device_kind', 'local')})"
+  if r.get("batch_shares"):
+    return f"simulated only ({r.get('cluster')}; batch shares: the engine runs equal shares)"
   return f"simulated ({r.get('cluster')})"
 
 
@@ -77,7 +88,8 @@ def comp_label(r) -> str:
   if r["status"] != "ok":
     return r["point"]["compression"]
   label = r.get("compression") or r["point"]["compression"]
-  return label + (f", ZeRO-{r['zero']}" if r.get("zero") else "")
+  return (label + (f", ZeRO-{r['zero']}" if r.get("zero") else "")
+          + (", batch shares" if r.get("batch_shares") else ""))
 
 
 def sched(r):
@@ -90,7 +102,19 @@ def model_line(r) -> str:
   m, b = r["model"], r["batch"]
   return (f"{m['num_layers']} blocks x d {m['d_model']} ({m['num_heads']} heads, mlp {m['mlp_dim']}), "
           f"{m['num_items']:,} items, {m['dtype']} activations; global batch {b['global_batch']:,} "
-          f"x {b['seq_len']} positions")
+          f"x {b['seq_len']} positions" + head_note(r))
+
+
+def head_note(r) -> str:
+  """The loss, where it is not the full softmax over the table (ModelSpec.negatives)."""
+  n = r["model"].get("negatives")
+  if not n:
+    return ""
+  share = r.get("config", {}).get("train", {}).get("neg_share")
+  per = " per sequence (each row its own draw)" if share == "row" else " per step"
+  return (f"; sampled-softmax head, {n:,} negatives{per}: the head scores {n:,} + 1 items "
+          f"per position instead of the whole table, whose parameters, gradient and Adam "
+          f"state are unchanged")
 
 
 def cluster_line(r) -> str:
@@ -178,8 +202,26 @@ def ratio_block(rows, label, comp_ok) -> tuple[str, list, dict | None]:
           f"{tok(s['tokens_per_s'])} tokens/s, MFU {pct(s['mfu'])}: **throughput {rt:.2f}x, "
           f"MFU {rm:.2f}x** (simulated) — {verdict} the paper's {CLAIM_THROUGHPUT:.2f}x / "
           f"{CLAIM_MFU:.2f}x.")
+  if h.get("batch_shares") or s.get("batch_shares"):
+    line += " " + equal_shares_ratio(hyb, single)
   summary = {"hybrid": h, "single": s, "throughput": rt, "mfu": rm, "verdict": verdict}
   return line, ([(h, s)] if verdict != "meets" else []), summary
+
+
+def equal_shares_ratio(hyb, single) -> str:
+  """The hybrid / best single ratio among the plans the engine runs: each row's own, or the
+  best equal-share plan a batch-shares row carries (experiments/simulated.py)."""
+  runs = lambda rows: [(r, r.get("equal_shares") if r.get("batch_shares") else r) for r in rows]
+  best = lambda rows: max(((r, e) for r, e in runs(rows) if e), default=None,
+                          key=lambda x: x[1]["tokens_per_s"])
+  h, s = best(hyb), best(single)
+  if h is None or s is None:
+    return "With equal shares (what the engine runs): no ratio."
+  label = lambda e: e["compression"] + (f", ZeRO-{e['zero']}" if e.get("zero") else "")
+  return (f"With equal shares (what the engine runs): hybrid {h[1]['mesh']} ({label(h[1])}) "
+          f"{tok(h[1]['tokens_per_s'])} tokens/s vs {strategy(s[0])} {s[1]['mesh']} "
+          f"({label(s[1])}) {tok(s[1]['tokens_per_s'])} tokens/s: throughput "
+          f"{h[1]['tokens_per_s'] / s[1]['tokens_per_s']:.2f}x (simulated).")
 
 
 def strategies_section(rows) -> tuple[str, list[list]]:
@@ -213,6 +255,8 @@ def strategies_section(rows) -> tuple[str, list[list]]:
                         "of which compute / TP / pipe / DP exposed / optimizer ms", "tokens/s",
                         "MFU", "memory GiB", "source", "note"], body))
       out.append("")
+      if any(r.get("batch_shares") for r in ok):
+        out += [SHARES_NOTE, ""]
       short = []
       for label, ok_fn in (("Without compression", lambda r: r["point"]["compression"] == "none"),
                            ("With compression (the best compressed row of each; TP and PP "
@@ -229,7 +273,8 @@ def strategies_section(rows) -> tuple[str, list[list]]:
                           sm["verdict"], source(h)])
         else:
           summary.append([g, cluster, mode, None, None, None, None,
-                          line.split("no ratio (")[1].rstrip(")."), source(rs[0])])
+                          line.split("no ratio (")[1].rstrip(")."),
+                          source({**rs[0], "batch_shares": False})])  # (no plan to flag)
       out.append("")
       for h, s in short:
         out.append(f"Why short of the claim ({comp_label(h)} hybrid vs {strategy(s)} "
@@ -532,6 +577,8 @@ def render(rows, comp, note, sources: list[str]) -> str:
     out += ["## Summary: hybrid / best single strategy", "",
             table(["group", "cluster", "compression", "hybrid", "best single strategy",
                    "throughput", "MFU", "vs 1.30x / 1.20x", "source"], summary), ""]
+    if any("batch shares" in str(row) for row in summary):
+      out += [SHARES_NOTE, ""]
   out += ["## (a) Throughput and resource efficiency (MFU): single strategies vs the hybrid", "",
           strategies, ""]
   sens = rows_per_device_section(rows)

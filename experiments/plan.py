@@ -44,7 +44,11 @@ def table(results, stats, cluster) -> str:
     lines.append(f"{i:>2} {row['mesh']:>9} {row['schedule']:>5} {row['microbatches']:>3} "
                  f"{part:<16} {str(row['remat']):>5} {row['zero']:>4} {row['compression']:<18} "
                  f"{row['step_s'] * 1e3:>9.2f} {row['tokens_per_s']:>12,.0f} "
-                 f"{100 * row['mfu']:>5.1f}% {row['memory_gib']:>8.2f}")
+                 f"{100 * row['mfu']:>5.1f}% {row['memory_gib']:>8.2f}"
+                 + ("  shares*" if row["batch_shares"] else ""))
+  if any(r.plan.batch_shares for r in results):
+    lines.append("* batch shares in proportion to replica speed: simulated only (the engine "
+                 "splits the batch evenly)")
   return "\n".join(lines)
 
 

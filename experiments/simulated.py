@@ -3,8 +3,10 @@
 Named pure meshes ('dp', 'tp', 'pp') and explicit 'DxTxP' meshes are one mesh of the
 planner's search (planner.search_mesh: a named mesh searched as the planner does, ZeRO stage
 included, an explicit one with the run config's pipeline and dp.zero); 'hybrid' and 'best'
-are the planner's own ranking over
-every mesh it considers.
+are the planner's own ranking over every mesh it considers. On a heterogeneous cluster the
+pick may give the data replicas batch shares in proportion to their speed, which the engine
+cannot run (it splits the batch evenly): such a row says so (`batch_shares`) and carries
+the best equal-share plan beside it (`equal_shares`).
 """
 
 import dataclasses
@@ -87,7 +89,7 @@ def run(point: dict) -> dict:
       return {**out, "status": "infeasible",
               "reason": f"the planner found no plan {what}that fits ({stats['feasible']} of "
                         f"{stats['considered']} plans fit in memory)"}
-    best = results[0]
+    best, fitting = results[0], results
   else:
     shape = points_lib.parse_mesh(spec, c.devices)
     try:
@@ -95,7 +97,7 @@ def run(point: dict) -> dict:
     except ConfigError as e:
       return {**out, "mesh": "x".join(map(str, shape)), "status": "infeasible",
               "reason": f"inexpressible: {e}"}
-    best, smallest = found.best, found.smallest
+    best, smallest, fitting = found.best, found.smallest, found.fitting
     if best is None:
       return {**out, "mesh": "x".join(map(str, shape)), "status": "infeasible",
               "reason": _no_fit(c, smallest), "memory_gib": smallest.memory["total"] / 2**30}
@@ -103,7 +105,20 @@ def run(point: dict) -> dict:
   row["step_time_s"] = row.pop("step_s")
   out.update(status="ok", **row, aggregator=best.plan.aggregator, dp_mode=best.plan.dp_mode,
              memory_bytes=best.memory, plan=dataclasses.asdict(best.plan))
+  if best.plan.batch_shares:  # simulated only: the best plan the engine can run, beside it
+    out["equal_shares"] = _equal_shares(fitting)
   return out
+
+
+def _equal_shares(fitting: list) -> dict | None:
+  """Row fields of the fastest of `fitting` with equal batch shares (None: none fits)."""
+  even = max((r for r in fitting if not r.plan.batch_shares), key=lambda r: r.tokens_per_s,
+             default=None)
+  if even is None:
+    return None
+  return {"mesh": even.plan.mesh, "compression": even.plan.compression_label(),
+          "zero": even.plan.zero, "step_time_s": even.step_s,
+          "tokens_per_s": even.tokens_per_s, "mfu": even.mfu}
 
 
 def chrome_trace(point: dict, plan: dict) -> dict:

@@ -3,10 +3,12 @@
 import dataclasses
 
 import ml_collections
+import numpy as np
+import pytest
 
 from experiments import points as points_lib
 from experiments import simulated
-from rec_llm.sim import cluster, planner, simulator as sim
+from rec_llm.sim import cluster, cost_model as cm, planner, simulator as sim
 
 
 def _points(**group) -> list[dict]:
@@ -61,3 +63,64 @@ def test_dp_variants_pairs_and_overrides():
   assert pairs(aggregator="ring") == [("none", "ring"), ("topk", "ring"), ("sign", "ring")]
   assert list(planner.dp_variants(sim.Plan(tensor=16), c, opts)) == [sim.Plan(tensor=16)]
   assert simulated.PLANNER_KINDS == ("none", "int8", "topk", "powersgd")
+
+
+MIXED_MODEL = cm.ModelSpec(num_layers=8, d_model=2048, num_heads=16, mlp_dim=8192, max_len=200,
+                           num_items=100_000, dtype="bfloat16")
+EVEN = planner.Options(batch_shares=(False,))
+
+
+def test_planner_picks_batch_shares_on_a_mixed_cluster():
+  c, m, batch = cluster.preset("mixed_a100_h100"), MIXED_MODEL, sim.Batch(256, 200)
+  results, stats = planner.plan(m, batch, c, top=10**9)
+  even, even_stats = planner.plan(m, batch, c, top=10**9, options=EVEN)
+  best, e = results[0], even[0]
+  assert best.plan.batch_shares and not any(r.plan.batch_shares for r in even)
+  assert best.row()["batch_shares"] and len(best.row()["shares"]) == best.plan.data
+  # the equal-share plans are all still searched, unchanged, next to their shared twins
+  assert stats["considered"] > even_stats["considered"]
+  assert sorted(r.tokens_per_s for r in results if not r.plan.batch_shares) == sorted(
+      r.tokens_per_s for r in even)
+  # The best equal-share plan with shares: every replica finishes with the slowest one's
+  # time x data x its share; the planner's pick is at least that fast.
+  shared = sim.simulate(m, batch, c, dataclasses.replace(e.plan, batch_shares=True))
+  assert shared.breakdown["pipeline"] == pytest.approx(
+      e.breakdown["pipeline"] * e.plan.data * min(shared.shares), rel=1e-9)
+  assert best.step_s <= shared.step_s < 0.9 * e.step_s
+  # Pure DP: a replica's step is its compute at its device's roofline speed, so its share is
+  # in proportion to that speed, and the pipeline shrinks to data x min(speed) / sum(speeds).
+  dp = planner.search_mesh(m, batch, c, (32, 1, 1)).best
+  dp_even = sim.simulate(m, batch, c, dataclasses.replace(dp.plan, batch_shares=False))
+  speeds = np.asarray(c.effective_speeds(cm.compute_share(c, m, 1)))
+  assert dp.plan.batch_shares and speeds.max() > 2 * speeds.min()
+  np.testing.assert_allclose(dp.shares, speeds / speeds.sum(), rtol=0.01)
+  assert dp.breakdown["pipeline"] == pytest.approx(
+      dp_even.breakdown["pipeline"] * 32 * speeds.min() / speeds.sum(), rel=0.01)
+  # the fastest replica holds the most rows: activations priced at its share
+  assert dp.memory["activations"] == pytest.approx(
+      dp_even.memory["activations"] * 32 * max(dp.shares), rel=1e-9)
+
+
+def test_batch_shares_stage_partitions_and_homogeneous_clusters():
+  # Nodes H100, A100, A100, A100: replica 0's stages sit on (H100, A100), replica 1's on two
+  # A100s. Even shares balance each stage at its slowest replica's speed; with batch shares
+  # the faster replica's own balance is worth more.
+  mixed = cluster.preset("mixed_a100_h100")
+  a, a_mem = mixed.speed[0], mixed.mem_speed[0]
+  c = dataclasses.replace(mixed, speed=(1.0,) * 8 + (a,) * 24, mem_speed=(1.0,) * 8 + (a_mem,) * 24)
+  m, batch = MIXED_MODEL, sim.Batch(256, 200)
+  base = sim.Plan(data=2, tensor=8, pipe=2, microbatches=4)
+  kinds = [dataclasses.replace(b, stage_layers=planner.balanced_stages(m, batch, c, b))
+           for b in planner.share_variants(base, c, planner.Options(), m)]
+  assert [b.batch_shares for b in kinds] == [False, True]
+  assert kinds[0].stage_layers != kinds[1].stage_layers
+  step = lambda p: sim.simulate(m, batch, c, p).breakdown["pipeline"]
+  assert step(kinds[1]) < step(dataclasses.replace(kinds[0], batch_shares=True)) < step(kinds[0])
+  # Homogeneous: never tried, the search is what it was with equal shares only.
+  h = cluster.preset("h100x128", devices=16)
+  assert planner.share_variants(sim.Plan(data=16), h, planner.Options(), m) == [sim.Plan(data=16)]
+  results, stats = planner.plan(m, batch, h, top=10**9)
+  even, even_stats = planner.plan(m, batch, h, top=10**9, options=EVEN)
+  assert stats["considered"] == even_stats["considered"]
+  assert [(r.plan, r.step_s) for r in results] == [(r.plan, r.step_s) for r in even]
+  assert not any(r.plan.batch_shares for r in results)

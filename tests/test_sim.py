@@ -458,3 +458,44 @@ def test_flat_zero_splits_every_leaf_over_any_data_size():
   gathered = [x for x in sim.dp_reductions(LARGE, flat, LARGE.num_layers, 1)
               if x.aggregator == "all_gather"]
   assert gathered[0].numel == held["replica"] and r.step_s > 0
+
+
+def test_sampled_head_prices_the_scored_items_and_keeps_the_table():
+  """ModelSpec.negatives (train.loss 'sampled'): the head scores negatives/t + 1 items per
+  position instead of the table's V/t rows, so its time and its logits' memory drop; the
+  table's parameters, gradient and Adam state are the same; MFU counts arithmetic's FLOPs."""
+  c, batch = cluster.preset("h100x8"), sim.Batch(64, 200)
+  sampled = dataclasses.replace(LARGE, negatives=1024)
+  for plan in (sim.Plan(data=8), sim.Plan(data=2, tensor=4), sim.Plan(data=4, tensor=2, zero=1)):
+    full, samp = (sim.simulate(m, batch, c, plan) for m in (LARGE, sampled))
+    t = plan.tensor
+    assert cm.component_time(c, sampled, "head", 6400, t) < \
+        cm.component_time(c, LARGE, "head", 6400, t) / 10
+    assert samp.memory["head"] == pytest.approx(
+        full.memory["head"] * (1024 / t + 1) / (LARGE.vocab_size / t))
+    assert samp.memory["total"] < full.memory["total"] and samp.step_s < full.step_s
+    for k in ("params", "grads", "adam"):
+      assert samp.memory[k] == full.memory[k], k
+    assert samp.dp_bytes == full.dp_bytes
+    tokens = batch.global_batch * batch.seq_len
+    assert samp.mfu * c.total_peak_flops * samp.step_s == pytest.approx(
+        arithmetic.flops_per_token(LARGE, 200, 1024) * tokens)
+  assert sim.state_params(sampled, plan, (24,)) == sim.state_params(LARGE, plan, (24,))
+
+
+def test_sampled_head_from_config():
+  """train.loss 'sampled' -> negatives; the full softmax (or no train section) -> 0, and
+  to_dict then stays as it was before the field existed."""
+  import ml_collections
+  from experiments.configs import default
+  config = default.get_config()
+  assert cm.ModelSpec.from_config(config).negatives == 0
+  assert "negatives" not in cm.ModelSpec.from_config(config).to_dict()
+  config.train.loss, config.train.negatives = "sampled", 256
+  assert cm.ModelSpec.from_config(config).negatives == 256
+  assert cm.ModelSpec.from_config(config).to_dict()["negatives"] == 256
+  bare = ml_collections.ConfigDict({"model": config.model.to_dict(), "data": config.data.to_dict()})
+  assert cm.ModelSpec.from_config(bare).negatives == 0
+  config.train.negatives = 0
+  with pytest.raises(ConfigError, match="negatives"):
+    cm.ModelSpec.from_config(config)

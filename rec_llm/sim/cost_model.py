@@ -54,6 +54,10 @@ class ModelSpec:
   vocab_multiple: int = 128
   dtype: str = "float32"
   attention: str = "xla"  # SCORE_BYTES: how attention's scores are computed
+  # The head's loss: 0 a full softmax over the table; N > 0 a sampled softmax scoring N
+  # negatives and the target per position (train.loss 'sampled'): the table stays whole
+  # (parameters, gradient, optimizer state), only the head's scoring shrinks.
+  negatives: int = 0
 
   @property
   def vocab_size(self) -> int:
@@ -76,7 +80,8 @@ class ModelSpec:
       raise ConfigError("the config gives no item count (data.num_items); pass --num_items=N")
     spec = cls(num_layers=int(m.num_layers), d_model=int(m.d_model), num_heads=int(m.num_heads),
                mlp_dim=int(m.mlp_dim), max_len=int(m.max_len), num_items=int(num_items),
-               vocab_multiple=int(m.vocab_multiple), dtype=str(m.dtype))
+               vocab_multiple=int(m.vocab_multiple), dtype=str(m.dtype),
+               negatives=_negatives(config))
     for k in ("num_layers", "d_model", "num_heads", "mlp_dim", "max_len"):
       if getattr(spec, k) <= 0:
         raise ConfigError(f"model.{k}={getattr(spec, k)} must be positive")
@@ -85,7 +90,29 @@ class ModelSpec:
     return spec
 
   def to_dict(self) -> dict:
-    return {**dataclasses.asdict(self), "vocab_size": self.vocab_size}
+    out = {**dataclasses.asdict(self), "vocab_size": self.vocab_size}
+    if not self.negatives:  # full softmax: the dict as before the field existed
+      del out["negatives"]
+    return out
+
+
+def _negatives(config) -> int:
+  """Negatives per position of a run config's sampled softmax; 0 for the full softmax (and
+  configs without train.loss)."""
+  train = config.get("train") or {}
+  if train.get("loss", "softmax") != "sampled":
+    return 0
+  n = int(train.get("negatives", 0))
+  if n <= 0:
+    raise ConfigError(f"train.loss='sampled' needs train.negatives > 0, not {n}")
+  return n
+
+
+def head_scored(m: ModelSpec, t: int) -> float:
+  """Items one tensor shard scores per position: its V/t table rows (full softmax), or its
+  share of the sampled negatives plus the target (each shard scores the negatives drawn
+  from its own rows; the target's logit comes in by a psum)."""
+  return m.negatives / t + 1 if m.negatives else m.vocab_size / t
 
 
 
@@ -115,10 +142,13 @@ def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int, sp: bool = False)
     # dense zero table shard (written and accumulated once per call)
     return dict(flops=0.0, split=0.0, rep=6 * e * d, dense=3 * 4 * V * d / t, ops=12)
   if comp == "head":
-    # logits [n, V/t] in f32: ~8 passes (mask, max, exp, sum, rank, grad); table read twice
-    # and its gradient written by the matmuls
-    return dict(flops=6 * d * V / t, split=8 * 4 * V / t, rep=6 * e * d,
-                dense=3 * 4 * V * d / t, ops=30)
+    # logits [n, scored] in f32 (head_scored: V/t, or the sampled negatives): ~8 passes
+    # (mask, max, exp, sum, rank, grad). Full softmax: the table read twice and its gradient
+    # written by the matmuls; sampled: only the drawn rows are read, but the table's
+    # gradient is still a dense shard (zeroed, then scatter-added into): written once.
+    s = head_scored(m, t)
+    return dict(flops=6 * d * s, split=8 * 4 * s, rep=6 * e * d,
+                dense=(4 if m.negatives else 3 * 4) * V * d / t, ops=30)
   raise ValueError(f"unknown component {comp!r}")
 
 
@@ -228,8 +258,9 @@ def block_activation_bytes(m: ModelSpec, t: int, sp: bool = False,
 
 
 def head_transient_bytes(m: ModelSpec, t: int) -> float:
-  """Per token: the [V/t] f32 logits, their exponentials and gradient, live in the head."""
-  return 3 * 4 * m.vocab_size / t
+  """Per token: the f32 logits of the items it scores (head_scored: [V/t], or the sampled
+  negatives and the target), their exponentials and gradient, live in the head."""
+  return 3 * 4 * head_scored(m, t)
 
 
 # ---- data-parallel compression ----

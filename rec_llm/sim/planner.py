@@ -9,7 +9,11 @@ Searched:
   costs, stage speeds on heterogeneous clusters);
 - with data > 1: the data-parallel reduction as (compression, aggregator) pairs, and the
   state sharded over data (dp.zero 0, 1, 3: `zero_runs`);
-- remat only where the plan (mesh, schedule, microbatches) does not fit without it.
+- remat only where the plan (mesh, schedule, microbatches) does not fit without it;
+- where the data replicas differ in speed (heterogeneous clusters): each plan also with batch
+  shares in proportion to replica speed and stages balanced for them (`share_variants`,
+  `balanced_stages`). Simulated only: the engine splits the batch evenly, so such a plan
+  is a prediction of what shares would give, not one rec_llm can run.
 `search_mesh` does all of that for one mesh; `plan` runs it on every mesh and ranks, and
 experiments/simulated.py runs it on the named and explicit meshes of a sweep.
 Lossy compression and asynchronous modes change convergence, which throughput does not
@@ -48,6 +52,7 @@ class Options:
   staleness: int = 1
   local_steps: int = 4
   zero: tuple = (0, 1, 3)   # dp.zero stages tried where the trainer runs them (zero_runs)
+  batch_shares: tuple = (False, True)  # tried where replicas differ in speed (share_variants)
 
 
 @dataclasses.dataclass
@@ -81,15 +86,34 @@ def meshes(m: cm.ModelSpec, batch: sim.Batch, c: Cluster) -> list[tuple[int, int
 
 
 def balanced_stages(m: cm.ModelSpec, batch: sim.Batch, c: Cluster, base: sim.Plan) -> tuple:
-  """Blocks per stage minimising the slowest stage (forward + backward of one microbatch)."""
+  """Blocks per stage minimising the slowest stage (forward + backward of one microbatch),
+  each stage at its devices' speed. One partition serves every data replica (SPMD): with
+  even shares the step waits for the slowest replica, so each stage is taken at its slowest
+  replica's speed; with batch shares all replicas finish together, at data / sum(1 / t_r),
+  so of the partitions balanced for each replica's speeds and for the slowest ones, the one
+  with the largest sum(1 / t_r) (t_r: replica r's slowest stage)."""
   if base.pipe == 1:
     return (m.num_layers,)
   costs = balance.layer_costs(m, batch, c, base)
-  speeds = sim.replica_stage_speeds(
-      c, base, dataclasses.replace(m, max_len=batch.seq_len)).min(axis=0)
-  sizes, _ = partition_lib.solve(costs["layer_costs"], base.pipe, costs["first_extra"],
-                                 costs["last_extra"], speeds=speeds)
-  return sizes
+  layer, first, last = costs["layer_costs"], costs["first_extra"], costs["last_extra"]
+  speeds = sim.replica_stage_speeds(c, base, dataclasses.replace(m, max_len=batch.seq_len))
+  solve = lambda s: partition_lib.solve(layer, base.pipe, first, last, speeds=s)[0]
+  sizes = solve(speeds.min(axis=0))
+  kinds, counts = np.unique(speeds, axis=0, return_counts=True)
+  if not base.batch_shares or len(kinds) == 1:
+    return sizes
+  rate = lambda part: sum(n / max(partition_lib.stage_times(part, layer, first, last, s))
+                          for s, n in zip(kinds, counts))
+  return max([sizes] + [solve(s) for s in kinds], key=rate)  # ties: the slowest speeds' one
+
+
+def share_variants(base: sim.Plan, c: Cluster, opts: Options, m: cm.ModelSpec) -> list:
+  """`base` with each of `opts.batch_shares` where its data replicas differ in speed; else
+  `base` alone (even shares: batch shares would change nothing, so homogeneous clusters
+  search exactly the plans they did before). Batch shares are simulated only."""
+  if base.data == 1 or len(np.unique(sim.replica_stage_speeds(c, base, m), axis=0)) == 1:
+    return [base]
+  return [dataclasses.replace(base, batch_shares=bool(s)) for s in opts.batch_shares]
 
 
 def pipeline_shapes(shape: tuple, batch: sim.Batch, opts: Options) -> list[tuple[str, int]]:
@@ -158,24 +182,36 @@ def search_mesh(m: cm.ModelSpec, batch: sim.Batch, c: Cluster, shape: tuple,
     groups = [[b] for b in bases]
   sim.check_plan(m, batch, c, groups[0][0])
   found = MeshSearch()
+  mr = dataclasses.replace(m, max_len=batch.seq_len)
   for group in groups:
     for base in group:
+      tried = [base]  # explicit bases as given (even shares, as the trainer runs them)
       if bases is None:
-        base = dataclasses.replace(base, stage_layers=balanced_stages(m, batch, c, base))
-      fits_any = False
-      variants = (dataclasses.replace(v, zero=z) for v in dp_variants(
-          base, c, opts, aggregator, pair_all) for z in opts.zero)
-      for variant in filter(functools.partial(zero_runs, m), variants):
-        r = sim.simulate(m, batch, c, variant)
-        found.considered += 1
-        fits_any |= r.fits
-        if r.fits:
-          found.fitting.append(r)
-        elif found.smallest is None or r.memory["total"] < found.smallest.memory["total"]:
-          found.smallest = r
-      if fits_any:
+        tried = [dataclasses.replace(b, stage_layers=balanced_stages(m, batch, c, b))
+                 for b in share_variants(base, c, opts, mr)]
+      if _simulate_variants(found, m, batch, c, tried, opts, aggregator, pair_all):
         break  # remat only where this shape fits nowhere without it
   return found
+
+
+def _simulate_variants(found: MeshSearch, m: cm.ModelSpec, batch: sim.Batch, c: Cluster,
+                       bases: list, opts: Options, aggregator: str | None,
+                       pair_all: bool) -> bool:
+  """Simulates each of `bases` with every `dp_variants` x dp.zero the trainer runs into
+  `found`; whether any fits."""
+  fits_any = False
+  for base in bases:
+    variants = (dataclasses.replace(v, zero=z) for v in dp_variants(
+        base, c, opts, aggregator, pair_all) for z in opts.zero)
+    for variant in filter(functools.partial(zero_runs, m), variants):
+      r = sim.simulate(m, batch, c, variant)
+      found.considered += 1
+      fits_any |= r.fits
+      if r.fits:
+        found.fitting.append(r)
+      elif found.smallest is None or r.memory["total"] < found.smallest.memory["total"]:
+        found.smallest = r
+  return fits_any
 
 
 def _check_options(opts: Options):

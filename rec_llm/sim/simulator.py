@@ -83,7 +83,8 @@ class Plan:
   selective: bool = False
   overlap_tensor: bool = False
   # Heterogeneous clusters: each data replica gets a share of the batch proportional to its
-  # speed, so all finish together (rec_llm's SPMD step splits the batch evenly).
+  # speed, so all finish together. Simulated only: rec_llm's SPMD step splits the batch
+  # evenly (the planner tries it where replicas differ in speed, planner.share_variants).
   batch_shares: bool = False
   # ZeRO over a flat buffer (Megatron-LM's distributed optimizer, DeepSpeed): every leaf
   # split over data, whatever its shapes; rec_llm splits each leaf's `embed` axis instead.
@@ -308,12 +309,15 @@ class Result:
                           # reduction (payload.py; local SGD: one reduction / local_steps)
   stage_layers: tuple
   events: list = dataclasses.field(default_factory=list)
+  shares: tuple = ()      # batch shares: each replica's fraction of the batch; () = even
 
   def row(self) -> dict:
     p = self.plan
     return {"mesh": p.mesh, "schedule": p.schedule if p.pipe > 1 else "-",
             "microbatches": p.microbatches, "partition": list(self.stage_layers),
             "remat": p.remat, "zero": p.zero, "compression": p.compression_label(),
+            # simulated only: the engine splits the batch evenly
+            "batch_shares": p.batch_shares, "shares": list(self.shares),
             "step_s": self.step_s,
             "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
             "memory_gib": self.memory["total"] / 2**30, "fits": self.fits,
@@ -344,12 +348,16 @@ def state_params(m: cm.ModelSpec, plan: Plan, sizes) -> dict:
   return {"params": split if plan.zero == 3 else replica, "updated": split, "replica": replica}
 
 
-def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) -> dict:
-  """Bytes per device (the most loaded stage; SPMD gives every stage the same buffers)."""
+def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes,
+           share: float | None = None) -> dict:
+  """Bytes per device (the most loaded stage; SPMD gives every stage the same buffers).
+  share: the replica's fraction of the global batch (batch shares); None: an even one."""
   t, p = plan.tensor, plan.pipe
   held = state_params(m, plan, sizes)
   width = max(sizes)
   rows = batch.global_batch // (plan.data * plan.microbatches)
+  if share is not None:
+    rows = batch.global_batch * share / plan.microbatches
   n = rows * batch.seq_len
   act_tok = cm.block_activation_bytes(dataclasses.replace(m, max_len=batch.seq_len), t,
                                       plan.sequence_parallel, scores=not plan.selective)
@@ -498,19 +506,29 @@ def straggler_factor(sigma: float, devices: int, averaged_steps: int = 1) -> flo
   return math.exp(sigma / math.sqrt(averaged_steps) * math.sqrt(2 * math.log(devices)))
 
 
+def _replica_kinds(c: Cluster, plan: Plan, m: cm.ModelSpec):
+  """(distinct rows of replica_stage_speeds, each replica's row index, replicas per row):
+  replicas with the same stage speeds take the same time, so each kind is simulated once."""
+  rows, inverse, counts = np.unique(replica_stage_speeds(c, plan, m), axis=0,
+                                    return_inverse=True, return_counts=True)
+  return rows, inverse.reshape(-1), counts
+
+
 def _slowest_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, plan: Plan,
                      m: cm.ModelSpec):
-  """(pipeline seconds, tick seconds, tick compute, per-op compute, stage speeds) of the
-  slowest data replica. Replicas with the same stage speeds take the same time: each kind
-  is simulated once."""
-  rows, counts = np.unique(replica_stage_speeds(c, plan, m), axis=0, return_counts=True)
+  """(pipeline seconds, tick seconds, tick compute, per-op compute, stage speeds, shares)
+  of the slowest data replica (with batch shares: of every replica, all finishing
+  together; its speeds then scaled to match)."""
+  rows, inverse, counts = _replica_kinds(c, plan, m)
   per_replica = []
   for row in rows:
     ticks, tick_comp, comp = _tick_times(sched, costs, row, c, plan.data * plan.tensor)
     per_replica.append((float(ticks.sum()), ticks, tick_comp, comp, row))
   slowest = max(per_replica, key=lambda x: x[0])
-  k = _shares_factor(plan, [r[0] for r in per_replica], counts, slowest[0])
-  return (slowest[0] * k, slowest[1] * k, slowest[2] * k, slowest[3] * k, slowest[4])
+  times = [r[0] for r in per_replica]
+  k = _shares_factor(plan, times, counts, slowest[0])
+  return (slowest[0] * k, slowest[1] * k, slowest[2] * k, slowest[3] * k, slowest[4] / k,
+          _replica_shares(plan, times, inverse))
 
 
 def _shares_factor(plan: Plan, times, counts, slowest: float) -> float:
@@ -520,6 +538,16 @@ def _shares_factor(plan: Plan, times, counts, slowest: float) -> float:
   if not plan.batch_shares:
     return 1.0
   return float(sum(counts) / sum(n / t for t, n in zip(times, counts)) / slowest)
+
+
+def _replica_shares(plan: Plan, times, inverse) -> tuple:
+  """With Plan.batch_shares, each data replica's fraction of the global batch, as
+  _shares_factor splits it (times: per replica kind at an even share; inverse: each
+  replica's kind); () without."""
+  if not plan.batch_shares:
+    return ()
+  w = 1.0 / np.asarray(times, float)[inverse]
+  return tuple(float(x) for x in w / w.sum())
 
 
 def _pipe_grads_time(m: cm.ModelSpec, c: Cluster, plan: Plan, width: int, groups: dict,
@@ -539,10 +567,11 @@ def _pipe_grads_time(m: cm.ModelSpec, c: Cluster, plan: Plan, width: int, groups
 
 def _async_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, plan: Plan,
                    m: cm.ModelSpec):
-  """(pipeline seconds, its compute, its tensor comm, bubble, stage speeds) of the slowest
-  replica when stages run their ops as soon as their inputs arrive (Plan.lockstep False)."""
+  """(pipeline seconds, its compute, its tensor comm, bubble, stage speeds, shares) of the
+  slowest replica when stages run their ops as soon as their inputs arrive (Plan.lockstep
+  False); batch shares as in _slowest_replica."""
   ops_per_stage = plan.microbatches * plan.virtual
-  rows, counts = np.unique(replica_stage_speeds(c, plan, m), axis=0, return_counts=True)
+  rows, inverse, counts = _replica_kinds(c, plan, m)
   out = []
   for row in rows:
     f = costs.fwd / row + costs.tp_fwd + costs.tick_extra
@@ -555,8 +584,10 @@ def _async_replica(sched: schedules.Schedule, costs: StageCosts, c: Cluster, pla
                 float(ops_per_stage * (costs.tp_fwd + costs.tp_bwd).max()),
                 float(1.0 - busy.sum() / (len(f) * total)), row))
   slowest = max(out, key=lambda x: x[0])
-  k = _shares_factor(plan, [r[0] for r in out], counts, slowest[0])
-  return (slowest[0] * k, slowest[1] * k, slowest[2] * k, slowest[3], slowest[4])
+  times = [r[0] for r in out]
+  k = _shares_factor(plan, times, counts, slowest[0])
+  return (slowest[0] * k, slowest[1] * k, slowest[2] * k, slowest[3], slowest[4] / k,
+          _replica_shares(plan, times, inverse))
 
 
 def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bool = False) -> Result:
@@ -573,11 +604,11 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   sched = _schedule(plan.schedule, p, plan.microbatches * plan.virtual)
   mr = dataclasses.replace(m, max_len=batch.seq_len)  # (the roofline of this batch's width)
   if p > 1 and not plan.lockstep:
-    pipe_s, compute_s, tp_s, bubble, row = _async_replica(sched, costs, c, plan, mr)
+    pipe_s, compute_s, tp_s, bubble, row, shares = _async_replica(sched, costs, c, plan, mr)
     p2p_s = costs.p2p * plan.microbatches * plan.virtual  # one send each way per op
     ticks = tick_comp = None  # (no ticks to draw: the trace is of lock-step plans)
   else:
-    pipe_s, ticks, tick_comp, _, row = _slowest_replica(sched, costs, c, plan, mr)
+    pipe_s, ticks, tick_comp, _, row, shares = _slowest_replica(sched, costs, c, plan, mr)
     ops = sched.op
     bubble = schedules.bubble_fraction(sched, costs.fwd / row, costs.bwd / row)
     tp_s = float(np.where(ops == schedules.FWD, costs.tp_fwd,
@@ -591,7 +622,8 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
   if c.shared_host:  # every device's optimizer and compression run on the same cores
     g = cm.host_speedup(c, n_dev)
     opt, comp_s = max(opt * n_dev / g, opt), max(comp_s * n_dev / g, comp_s)
-  mem = memory(m, batch, c, plan, sizes)
+  # with batch shares the fastest replica holds the most rows
+  mem = memory(m, batch, c, plan, sizes, max(shares) if plan.batch_shares else None)
   # The pipeline's in-flight residuals (ring buffers of activations; the backward re-reads
   # the weights, pipeline.BlockResiduals) are written and read outside the cache, once a
   # step: on a shared host all devices' add up.
@@ -614,9 +646,11 @@ def simulate(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, timeline: bo
                "compression": comp_s,
                "optimizer": opt, "straggler_s": straggler_s, "overhead": c.step_overhead}
   res = Result(plan=plan, step_s=step, tokens_per_s=tokens / step,
-               mfu=arithmetic.flops_per_token(m, batch.seq_len) * tokens / (c.total_peak_flops * step),
+               mfu=(arithmetic.flops_per_token(m, batch.seq_len, m.negatives) * tokens
+                    / (c.total_peak_flops * step)),
                memory=mem, fits=mem["total"] <= 0.9 * c.memory_bytes, breakdown=breakdown,
-               bubble=bubble if p > 1 else 0.0, dp_bytes=dp_bytes, stage_layers=tuple(sizes))
+               bubble=bubble if p > 1 else 0.0, dp_bytes=dp_bytes, stage_layers=tuple(sizes),
+               shares=shares)
   if timeline and plan.lockstep:  # (the trace draws lock-step ticks)
     res.events = _timeline(sched, costs, row, ticks, tick_comp, c, breakdown, plan)
   return res
