@@ -39,3 +39,13 @@ def load_config(config_flag, example: str):
   if config is None:
     fail(f"--config is required, e.g. --config={example}")
   return config
+
+
+def host_devices(config, requested: int) -> int:
+  """Virtual CPU devices to create: `requested` if positive, else as many as the config's
+  mesh has (8 when a mesh axis is -1, to be resolved). Extra virtual devices on a CPU only
+  split its cores into more, smaller programs: a 1x1x1 mesh gets one device."""
+  if requested > 0:
+    return requested
+  dims = [int(config.mesh[a]) for a in ("data", "tensor", "pipe")]
+  return 8 if min(dims) < 1 else dims[0] * dims[1] * dims[2]

@@ -18,8 +18,8 @@ from experiments.configs import default
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl (and checkpoints).")
 _HOST_DEVICES = flags.DEFINE_integer(
-    "host_devices", 8, "Virtual CPU devices to create when XLA_FLAGS does not set a count "
-    "(only affects the CPU backend).")
+    "host_devices", 0, "Virtual CPU devices to create when XLA_FLAGS does not set a count "
+    "(only affects the CPU backend); 0: as many as the config's mesh has (8 if it has a -1).")
 
 
 def main(argv):
@@ -28,7 +28,7 @@ def main(argv):
   config = cli.load_config(_CONFIG, "experiments/configs/default.py")
   import jax  # after flag parsing, so --help stays fast
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    jax.config.update("jax_num_cpu_devices", _HOST_DEVICES.value)
+    jax.config.update("jax_num_cpu_devices", cli.host_devices(config, _HOST_DEVICES.value))
   from rec_llm.errors import ConfigError, TrainingError
   from rec_llm.parallel import distributed
   from rec_llm.train import config_check, trainer

@@ -7,7 +7,7 @@ from tests.helpers import one_error, run_trainer
 SMOKE = "--config=experiments/configs/smoke.py"
 
 BAD = [
-    ([SMOKE, "--config.mesh.data=3"], "= 6 but there are 8 devices"),
+    ([SMOKE, "--config.mesh.data=3", "--host_devices=8"], "= 6 but there are 8 devices"),
     ([SMOKE, "--config.mesh.data=-1", "--config.mesh.tensor=-1"], "at most one axis may be -1"),
     ([SMOKE, "--config.mesh.tensor=0"], "mesh.tensor=0 is invalid"),
     ([SMOKE, "--config.mesh.data=1", "--config.mesh.tensor=8"], "num_heads=4 is not divisible by mesh.tensor=8"),

@@ -178,7 +178,7 @@ def test_notebook_executes(sim_results):
                  resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if "image/png" in o.get("data", {})]
-  assert len(images) == 3  # throughput vs devices, Pareto front, pipeline timeline
+  assert len(images) == 4  # throughput vs devices, Pareto front, pipeline timeline, time to quality
 
 
 BAD = [
@@ -264,6 +264,8 @@ def test_readme_headline_matches_the_committed_tables():
   for cluster, comp, key in (("h100x8 (1 node)", "none", (*one, "without")),
                              ("h100x8 (1 node)", "best compressed", (*one, "with")),
                              ("h100x128 (16 nodes)", "none", (*many, "without")),
-                             ("h100x128 (16 nodes)", "best compressed", (*many, "with"))):
+                             ("h100x128 (16 nodes)", "best compressed", (*many, "with")),
+                             ("mixed_a100_h100 (2 A100 + 2 H100 nodes)", "none",
+                              ("strategies_mixed", "mixed_a100_h100", "without"))):
     row = [l for l in results.splitlines() if l.startswith(f"| {cluster} | {comp} |")]
     assert len(row) == 1 and f"| {get(*key)} | {get(*key)} |" in row[0], (cluster, comp, row)

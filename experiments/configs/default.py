@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=64, vocab_multiple=128,
       dropout_rate=0.0, dtype="float32", remat=False,
+      scan_unroll=1,  # blocks per iteration of the scan over layers (num_layers: unrolled)
       temperature=0.0))  # > 0: cosine-similarity scores / temperature
   # Used when mesh.pipe > 1: schedule 'gpipe' | '1f1b'; microbatches per data replica;
   # stage_layers: blocks per stage, e.g. (1, 3, 3, 1) (empty: as even as possible);
@@ -54,6 +55,12 @@ def get_config(arg=None):
       weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.98, seed=0, log_every=25,
       peak_tflops=0.0,   # 0: look the device up, else measure a matmul
       nonfinite="skip",  # a non-finite loss/gradient: 'skip' the update, or 'stop' the run
+      # loss: 'softmax' (over every item) | 'sampled' (`negatives` drawn per step by
+      # `sampler` 'uniform' | 'popularity' | 'in_batch', in `neg_strata` blocks of the
+      # table, shared by the whole batch or drawn per row (neg_share 'batch' | 'row');
+      # rec_llm/parallel/sampled_softmax.py).
+      loss="softmax", sampler="uniform", negatives=128, neg_strata=8, neg_share="batch",
+      profile_steps=(),  # (first, last): a jax.profiler trace of steps [first, last) in WORKDIR/profile
       # Fault injection, for tests: steps whose gradients / update / new optimizer state
       # are made NaN (rec_llm/train/faults.py).
       inject_nonfinite=ml_collections.ConfigDict(dict(gradients=(), updates=(), opt_state=()))))

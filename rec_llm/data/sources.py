@@ -19,6 +19,7 @@ from rec_llm.errors import ConfigError
 MOVIELENS = ("ml-1m", "ml-100k", "ml-20m", "ml-25m", "sasrec")
 SOURCES = ("synthetic",) + MOVIELENS
 _EVAL_STEP = {"val": 2**40, "test": 2**40 + 1}  # synthetic held-out rows: steps never trained on
+_COUNT_STEP, _COUNT_ROWS = 2**40 + 2, 4096  # synthetic rows whose items estimate popularity
 
 
 @dataclasses.dataclass
@@ -31,6 +32,7 @@ class Source:
   steps_per_epoch: float | None = None
   row_len_fn: object = None  # step -> row width (length buckets); None: always seq_len
   row_lengths: tuple[int, ...] = ()  # every width row_len_fn can return
+  item_counts: np.ndarray | None = None  # [num_items + 1] training frequency (popularity sampler)
 
   def __post_init__(self):
     self.row_lengths = tuple(self.row_lengths) or (self.seq_len,)
@@ -61,7 +63,11 @@ def make_source(data_cfg: ConfigDict, seq_len: int, batch_size: int, seed: int) 
     def synthetic_eval(split):
       rows = syn.rows(_EVAL_STEP[split], 0, n_eval)
       return [r[r > 0][:-1] for r in rows], rows[:, -1].copy()
-    return Source("synthetic", syn.num_items, seq_len, syn.rows, synthetic_eval)
+    counts = np.bincount(syn.rows(_COUNT_STEP, 0, _COUNT_ROWS).reshape(-1),
+                         minlength=syn.num_items + 1)
+    counts[0] = 0
+    return Source("synthetic", syn.num_items, seq_len, syn.rows, synthetic_eval,
+                  item_counts=counts)
 
   from rec_llm.data import movielens  # the TFDS stack loads only for real data
   path = data_cfg.path
@@ -82,4 +88,5 @@ def make_source(data_cfg: ConfigDict, seq_len: int, batch_size: int, seed: int) 
   windows = split_lib.TrainWindows(loo.train, hist.num_items, seq_len, batch_size, seed, buckets)
   return Source(data_cfg.name, hist.num_items, seq_len, windows.rows, loo.eval_examples,
                 steps_per_epoch=windows.steps_per_epoch, row_len_fn=windows.row_len,
-                row_lengths=windows.buckets)
+                row_lengths=windows.buckets,
+                item_counts=np.bincount(np.concatenate(loo.train), minlength=hist.num_items + 1))

@@ -101,13 +101,14 @@ def count_params(m) -> dict[str, int]:
   return {"embedding": embedding, "blocks": _numel(shapes) - embedding}
 
 
-def flops_per_token(m, seq_len: int) -> float:
+def flops_per_token(m, seq_len: int, negatives: int = 0) -> float:
   """Training FLOPs per token (forward + backward = 3x forward, multiply-add = 2 FLOPs).
 
-  6 * (block matmul weights) + 6 * d * items (the tied item-scoring head: items + 1 rows,
-  not the padding) + 12 * L * S * d (attention scores and weighted values, counted over the
-  full S x S square as in PaLM). The embedding gather, norms and softmax are not counted.
+  6 * (block matmul weights) + 6 * d * scored (the tied item-scoring head: items + 1 rows,
+  not the padding, or with a sampled softmax the `negatives` and the target) + 12 * L * S * d
+  (attention scores and weighted values, counted over the full S x S square as in PaLM).
+  The embedding gather, norms and softmax are not counted.
   """
   matmul = _numel(param_shapes(m), "blocks/", "kernel")
-  return (6.0 * matmul + 6.0 * m.d_model * (m.num_items + 1)
-          + 12.0 * m.num_layers * seq_len * m.d_model)
+  scored = negatives + 1 if negatives else m.num_items + 1
+  return 6.0 * matmul + 6.0 * m.d_model * scored + 12.0 * m.num_layers * seq_len * m.d_model

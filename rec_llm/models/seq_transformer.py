@@ -34,6 +34,9 @@ class ModelConfig:
   # Scores: 0 -> dot product with the item table; t > 0 -> cosine similarity / t (the
   # L2-normalised, temperature-scaled scoring of the generative-recommenders baselines).
   temperature: float = 0.0
+  # Blocks per iteration of the scan over layers; num_layers unrolls it, which on CPU saves
+  # zero-filling the loop's stacked residuals every step (a few blocks compile quickly).
+  scan_unroll: int = 1
 
   @property
   def vocab_size(self) -> int:
@@ -141,7 +144,7 @@ class SeqTransformer(nn.Module):
     x = _mask_padding(cfg, nn.Dropout(cfg.dropout_rate, deterministic=not train)(x), valid)
     block = nn.remat(Block) if cfg.remat else Block
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                    in_axes=nn.broadcast, length=cfg.num_layers,
+                    in_axes=nn.broadcast, length=cfg.num_layers, unroll=cfg.scan_unroll,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = stack(cfg, not train, name="blocks")(x, valid)
     return score_space(cfg, _norm("ln_final", dt)(x), table)

@@ -20,7 +20,7 @@ from ml_collections import ConfigDict
 from rec_llm.parallel import pipeline, schedules
 from rec_llm.sim import balance, measure, partition
 from rec_llm.train import config_check
-from rec_llm.train.step import stage_fns
+from rec_llm.train.step import stage_fns, with_step
 
 
 def _one_device(run, state, batch):
@@ -30,8 +30,9 @@ def _one_device(run, state, batch):
   p = config_check.pipeline_config(run.config)
   rows = run.config.train.batch_size // (run.mesh.shape["data"] * p["microbatches"])
   mb = {k: jax.device_put(np.asarray(jax.device_get(v))[:rows], dev) for k, v in batch.items()}
+  mb = with_step(mb, state.step, run.head)
   shared = {k: v for k, v in params.items() if k != "blocks"}
-  return stage_fns(run.model_cfg, run.model_cfg.num_items + 1), params["blocks"], shared, mb, p
+  return stage_fns(run.model_cfg, run.head), params["blocks"], shared, mb, p
 
 
 def measure_stage_times(run, state, batch, partitions, repeats: int = 5,

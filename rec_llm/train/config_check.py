@@ -10,10 +10,12 @@ from rec_llm.data import sources
 from rec_llm.errors import ConfigError
 from rec_llm.models.seq_transformer import ModelConfig
 from rec_llm.parallel import mesh as mesh_lib
-from rec_llm.parallel import collectives, compression, schedules, sharding
+from rec_llm.parallel import collectives, compression, sampled_softmax, schedules, sharding
 from rec_llm.parallel.payload import DP_MODES
 from rec_llm.train import dp_step, optimizer
 
+
+LOSSES = ("softmax", "sampled")
 
 # Every float setting: (lower, upper, lower included, upper included, what it is). A value
 # outside its interval, or any float anywhere in the config that is NaN or infinite, is
@@ -107,7 +109,7 @@ def model_config(config: ConfigDict, num_items: int) -> ModelConfig:
       num_items=num_items, num_layers=m.num_layers, d_model=m.d_model,
       num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len,
       vocab_multiple=m.vocab_multiple, dropout_rate=m.dropout_rate, dtype=m.dtype,
-      remat=m.remat, temperature=float(m.temperature))
+      remat=m.remat, temperature=float(m.temperature), scan_unroll=int(m.scan_unroll))
 
 
 def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -151,6 +153,11 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
   nonfinite = config.train.nonfinite
   if nonfinite not in ("skip", "stop"):
     raise ConfigError(f"train.nonfinite={nonfinite!r}; choose 'skip' (drop the update) or 'stop'")
+  check_loss(config.train, tensor)
+  prof = tuple(config.train.profile_steps)
+  if prof and not (len(prof) == 2 and 0 <= prof[0] < prof[1] <= config.train.steps):
+    raise ConfigError(f"train.profile_steps={list(prof)} must be (first, last) with "
+                      f"0 <= first < last <= train.steps={config.train.steps}, or () for none")
   ev = config.get("eval")
   if ev is not None:
     if ev.batch_size % data:
@@ -271,6 +278,26 @@ def check_pipeline(config: ConfigDict, data: int, pipe: int) -> None:
                       "the pipeline does not support dropout yet; set model.dropout_rate=0")
 
 
+def check_loss(tc: ConfigDict, tensor: int) -> None:
+  if tc.loss not in LOSSES:
+    raise ConfigError(f"train.loss={tc.loss!r} is unknown; choose one of {list(LOSSES)}")
+  if tc.loss == "softmax":
+    return
+  if tc.sampler not in sampled_softmax.SAMPLERS:
+    raise ConfigError(f"train.sampler={tc.sampler!r} is unknown; choose one of "
+                      f"{list(sampled_softmax.SAMPLERS)}")
+  if tc.neg_share not in ("batch", "row"):
+    raise ConfigError(f"train.neg_share={tc.neg_share!r} is unknown; choose 'batch' (one draw "
+                      "shared by the batch) or 'row' (a draw per sequence)")
+  n, g = tc.negatives, tc.neg_strata
+  if n < 1 or g < 1 or n % g:
+    raise ConfigError(f"train.neg_strata={g} must divide train.negatives={n} (both >= 1): "
+                      "each block of the table draws negatives / neg_strata")
+  if g % tensor:
+    raise ConfigError(f"train.neg_strata={g} is not divisible by mesh.tensor={tensor}; each "
+                      "tensor shard draws from whole strata")
+
+
 def check_model(config: ConfigDict, num_items: int, tensor: int) -> ModelConfig:
   """The model config for `num_items` items (known once the data is loaded)."""
   if num_items < 1:
@@ -279,4 +306,8 @@ def check_model(config: ConfigDict, num_items: int, tensor: int) -> ModelConfig:
   if mc.vocab_size % tensor:
     raise ConfigError(f"the item table has {mc.vocab_size} rows, not divisible by mesh.tensor="
                       f"{tensor}; set model.vocab_multiple to a multiple of {tensor}")
+  g = config.train.neg_strata
+  if config.train.loss == "sampled" and mc.vocab_size % g:
+    raise ConfigError(f"the item table has {mc.vocab_size} rows, not divisible by "
+                      f"train.neg_strata={g}; set model.vocab_multiple to a multiple of {g}")
   return mc

@@ -36,7 +36,7 @@ from rec_llm.numerics import all_finite
 from rec_llm.parallel import compression, control, sharding
 from rec_llm.train import guard
 from rec_llm.train.faults import Faults
-from rec_llm.train.step import TrainState, loss_fn
+from rec_llm.train.step import TrainState, loss_fn, with_step
 
 DATA = "data"
 
@@ -75,10 +75,10 @@ def _per_device(mesh: Mesh) -> NamedSharding:
 class DPStep:
   """Builds the `dp` state and the (state, batch) -> (state, metrics) step for one mesh."""
 
-  def __init__(self, model: nn.Module, tx: optax.GradientTransformation, num_valid: int,
+  def __init__(self, model: nn.Module, tx: optax.GradientTransformation, head,
                mesh: Mesh, param_shardings: Any, opt_shardings: Any, config: ConfigDict,
                faults: Faults | None = None):
-    self.model, self.tx, self.num_valid, self.mesh = model, tx, num_valid, mesh
+    self.model, self.tx, self.head, self.mesh = model, tx, head, mesh
     self.param_shardings, self.opt_shardings = param_shardings, opt_shardings
     dp = config.dp
     self.mode = dp.mode
@@ -124,7 +124,7 @@ class DPStep:
   def _local_grads(self, params, batch, rng, stacked: bool):
     """Per-replica gradients [replicas, ...], scaled so their mean is the global gradient;
     the global loss and hit rate."""
-    n, model, num_valid = self.replicas, self.model, self.num_valid
+    n, model, head = self.replicas, self.model, self.head
 
     def body(params, batch, rng):
       if stacked:
@@ -132,7 +132,7 @@ class DPStep:
       rng = jax.random.fold_in(rng, lax.axis_index(DATA)) if self.dropout else None
       with sharding.manual((DATA,)):
         (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch, model, num_valid, rng)
+            params, batch, model, head, rng)
       count = aux["targets"].astype(jnp.float32)
       total = jnp.maximum(lax.psum(count, DATA), 1.0)
       w = count / total
@@ -169,7 +169,8 @@ class DPStep:
     """(loss, per-replica gradients, metrics, the step's optimizer): with fault injection
     (tests), the faults of this step applied."""
     base = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
-    g_local, m = self._local_grads(params, batch, base, stacked=stacked)
+    g_local, m = self._local_grads(params, with_step(batch, state.step, self.head), base,
+                                   stacked=stacked)
     loss, tx = m["loss"], self.tx
     if self.faults is not None:
       loss, g_local = self.faults.gradients_at(state.step, loss, g_local)

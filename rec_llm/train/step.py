@@ -1,5 +1,6 @@
 """The train state, the loss and the jitted synchronous data+tensor parallel step."""
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -12,7 +13,7 @@ from jax.sharding import Mesh
 
 from rec_llm.models import seq_transformer
 from rec_llm.models.seq_transformer import ModelConfig
-from rec_llm.parallel import pipeline, schedules, sharding, vocab_parallel
+from rec_llm.parallel import pipeline, sampled_softmax, schedules, sharding, vocab_parallel
 from rec_llm.train import guard
 from rec_llm.train.faults import Faults
 
@@ -33,29 +34,57 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
   return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero)
 
 
-def loss_fn(params, batch, model: nn.Module, num_valid: int, dropout_rng=None):
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """The training loss: a full softmax over the items 1..num_valid-1, or with a `sampler`
+  a sampled softmax (rec_llm/parallel/sampled_softmax.py). Functions taking a head also
+  take a plain num_valid, meaning the full softmax."""
+  num_valid: int
+  sampler: sampled_softmax.Sampler | None = None
+
+
+def as_head(head) -> Head:
+  return head if isinstance(head, Head) else Head(int(head))
+
+
+def with_step(batch: dict, step: jax.Array, head) -> dict:
+  """The batch with the step on every row when the head draws negatives (their seed): rows
+  travel to every data shard and microbatch, so each sees the same draw."""
+  sampler = as_head(head).sampler
+  if sampler is None:
+    return batch
+  return {**batch, "step": sampled_softmax.draw_seeds(sampler, step, batch["targets"].shape[0])}
+
+
+def loss_fn(params, batch, model: nn.Module, head, dropout_rng=None):
   """Mean next-item cross-entropy over non-padding targets, plus train hit rate."""
   train = dropout_rng is not None
   hidden, table = model.apply({"params": params}, batch["inputs"], train=train,
                               rngs={"dropout": dropout_rng} if train else None)
-  nll_sum, hits, targets = head_sums(hidden, table, batch["targets"], num_valid)
+  nll_sum, hits, targets = head_sums(hidden, table, batch, head)
   count = jnp.maximum(targets, 1)
   return nll_sum / count, {"hr@10": hits / count, "targets": targets}
 
 
-def head_sums(hidden, table, targets, num_valid: int):
-  """Sums over the non-padding targets: (negative log-likelihood, hits@10, count)."""
-  nll, rank = vocab_parallel.softmax_xent(hidden, table, targets, num_valid)
+def head_sums(hidden, table, batch, head):
+  """Sums over the non-padding targets: (negative log-likelihood, hits@10, count). Under a
+  sampled head, hits count among the drawn negatives."""
+  head, targets = as_head(head), batch["targets"]
+  if head.sampler is None:
+    nll, rank = vocab_parallel.softmax_xent(hidden, table, targets, head.num_valid)
+  else:
+    nll, rank = sampled_softmax.sampled_xent(hidden, table, targets, batch["step"],
+                                             head.num_valid, head.sampler)
   mask = targets != 0
   return jnp.where(mask, nll, 0.0).sum(), ((rank < 10) & mask).sum(), mask.sum()
 
 
-def stage_fns(cfg: ModelConfig, num_valid: int) -> pipeline.StageFns:
+def stage_fns(cfg: ModelConfig, head) -> pipeline.StageFns:
   """The model and this loss cut into pipeline stages: embedding, one block, norm + loss."""
 
   def last(shared, x, mb):
     hidden, table = seq_transformer.final_norm(cfg, shared, x)
-    nll_sum, hits, targets = head_sums(hidden, table, mb["targets"], num_valid)
+    nll_sum, hits, targets = head_sums(hidden, table, mb, head)
     return nll_sum, {"hits": hits.astype(jnp.float32), "targets": targets.astype(jnp.float32)}
 
   return pipeline.StageFns(
@@ -64,7 +93,7 @@ def stage_fns(cfg: ModelConfig, num_valid: int) -> pipeline.StageFns:
       last=last)
 
 
-def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: Mesh,
+def make_pipelined_value_and_grad(model_cfg: ModelConfig, head, mesh: Mesh,
                                   pipe_cfg: dict, param_shardings=None, stage_local=False):
   """`jax.value_and_grad(loss_fn, has_aux=True)` for mesh.pipe > 1, run as a pipeline.
 
@@ -72,12 +101,12 @@ def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: 
   runs on the first stage and the final norm + vocab-parallel loss on the last.
   """
   cfg = model_cfg
-  fns = stage_fns(cfg, num_valid)
+  fns = stage_fns(cfg, head)
   sizes = schedules.stage_sizes(cfg.num_layers, mesh.shape[sharding.mesh_axis("stage")],
                                tuple(pipe_cfg["stage_layers"]))
 
-  def value_and_grad(params, batch, model, num_valid_, dropout_rng=None):
-    del model, num_valid_
+  def value_and_grad(params, batch, model, head_, dropout_rng=None):
+    del model, head_
     if dropout_rng is not None:
       raise ValueError("the pipeline does not support dropout")  # config_check rejects it first
     shared = {k: v for k, v in params.items() if k != "blocks"}
@@ -95,7 +124,7 @@ def make_pipelined_value_and_grad(model_cfg: ModelConfig, num_valid: int, mesh: 
   return value_and_grad
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, num_valid: int,
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, head,
                     seed: int, dropout: bool, faults: Faults | None = None,
                     value_and_grad=None, grad_shardings=None):
   """(state, batch) -> (state, metrics), for GSPMD data + tensor parallelism and for the
@@ -110,7 +139,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, num_vali
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step) if dropout else None
-    (loss, aux), grads = value_and_grad(state.params, batch, model, num_valid, rng)
+    batch = with_step(batch, state.step, head)
+    (loss, aux), grads = value_and_grad(state.params, batch, model, head, rng)
     if grad_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     step_tx = tx

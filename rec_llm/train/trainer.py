@@ -26,7 +26,8 @@ from rec_llm.train import adaptive, checkpoint, config_check, dp_step, optimizer
 from rec_llm.train import throughput
 from rec_llm.train import faults as faults_lib
 from rec_llm.train.metric_writer import MetricWriter
-from rec_llm.train.step import (TrainState, init_state, loss_fn,
+from rec_llm.parallel import sampled_softmax
+from rec_llm.train.step import (Head, TrainState, init_state, loss_fn,
                                 make_pipelined_value_and_grad, make_train_step)
 
 
@@ -47,6 +48,7 @@ class Run:
   value_and_grad: Any = None
   # The stored state beside the canonical one (checkpoints, eval, balancer): state_layout.py.
   layout: state_layout.StateLayout | None = None
+  head: Head | None = None  # the training loss (full or sampled softmax)
 
   def compile(self, state=None) -> "CompiledStep":
     """Ahead-of-time compile for every batch width of this run: no recompiles in the loop."""
@@ -84,6 +86,20 @@ def state_shardings_of(abstract_state, mesh: Mesh, zero: int, stage_local: bool)
   return plain.replace(opt_state=split.opt_state, params=split.params if zero == 3 else plain.params)
 
 
+def make_head(tc: ConfigDict, source: sources.Source, vocab_size: int) -> Head:
+  """The training loss the config asks for; popularity counts come from the training data."""
+  num_valid = source.num_items + 1
+  if tc.loss == "softmax":
+    return Head(num_valid)
+  counts = None
+  if tc.sampler == "popularity":
+    counts = np.zeros(vocab_size, np.float32)  # padded table rows weigh nothing
+    counts[:len(source.item_counts)] = source.item_counts[:num_valid]
+  return Head(num_valid, sampled_softmax.Sampler(
+      tc.sampler, int(tc.negatives), int(tc.neg_strata), int(tc.seed),
+      tc.neg_share == "row", counts))
+
+
 def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: bool = True) -> Run:
   devices = list(jax.devices() if devices is None else devices)
   shape = config_check.check(config, len(devices))
@@ -92,6 +108,7 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   seed = int(tc.seed)
   source = sources.make_source(config.data, config.model.max_len + 1, int(tc.batch_size), seed)
   mc = config_check.check_model(config, source.num_items, shape[1])
+  head = make_head(tc, source, mc.vocab_size)
   model = SeqTransformer(mc)
   tx = optimizer.make(tc)
   rng = jax.random.PRNGKey(seed)
@@ -116,7 +133,7 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   if use_dp:
     inner = sharding.tree_shardings(jax.eval_shape(
         functools.partial(init_state, model, tx, mc.max_len), rng), mesh).opt_state
-    step_fn = dp_step.DPStep(model, tx, mc.num_items + 1, mesh, state_shardings.params, inner,
+    step_fn = dp_step.DPStep(model, tx, head, mesh, state_shardings.params, inner,
                              config, faults=faults)
     state_shardings = state_shardings.replace(dp=step_fn.state_shardings())
     base_state = make_state
@@ -128,14 +145,14 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   else:
     if shape[2] > 1:
       value_and_grad = make_pipelined_value_and_grad(
-          mc, mc.num_items + 1, mesh, config_check.pipeline_config(config),
+          mc, head, mesh, config_check.pipeline_config(config),
           param_shardings=state_shardings.params, stage_local=stage_local)
     else:
       value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     grad_shardings = (sharding.tree_shardings(abstract_state.params, mesh, zero=True,
                                               stage_local=stage_local)
                       if config.dp.zero else None)
-    step_fn = make_train_step(model, tx, mc.num_items + 1, seed, dropout=mc.dropout_rate > 0,
+    step_fn = make_train_step(model, tx, head, seed, dropout=mc.dropout_rate > 0,
                               faults=faults, value_and_grad=value_and_grad,
                               grad_shardings=grad_shardings)
   # Created directly sharded: no host or device ever holds the whole model.
@@ -146,7 +163,7 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
   run = Run(config, mesh, mc, model, source, state_shardings, abstract, init_fn, batches, jitted,
-            value_and_grad=value_and_grad, layout=layout)
+            value_and_grad=value_and_grad, layout=layout, head=head)
   if init:
     run.state = init_fn()
   return run
@@ -243,7 +260,9 @@ class Meter:
     tc, mc = run.config.train, run.model_cfg
     # Positions and model FLOPs of a step, by batch width (length buckets change both).
     self.tokens_of = {w: tc.batch_size * w for w in run.batches.widths}
-    self.flops_of = {w: flops_per_token(mc, w) * self.tokens_of[w] for w in run.batches.widths}
+    negatives = run.head.sampler.negatives if run.head and run.head.sampler else 0
+    self.flops_of = {w: flops_per_token(mc, w, negatives) * self.tokens_of[w]
+                     for w in run.batches.widths}
     self.peak, src = throughput.total_peak_flops(list(run.mesh.devices.flat),
                                                  float(tc.peak_tflops))
     logging.info("peak %.3g FLOP/s (%s); %.3g model FLOPs per full-width step", self.peak, src,
@@ -329,6 +348,32 @@ def _log_step(done: int, total: int, metrics, meter: Meter, nonfinite: NonFinite
   log(rec)
 
 
+class Profile:
+  """A `jax.profiler` trace of steps [first, last) (train.profile_steps) into
+  WORKDIR/profile, for TensorBoard's profile plugin (pip install xprof) or Perfetto."""
+
+  def __init__(self, steps, workdir: str | None):
+    self.first, self.last = (tuple(int(s) for s in steps) or (-1, -1)) if workdir else (-1, -1)
+    self.dir = os.path.join(workdir, "profile") if workdir else None
+    self.on = False
+
+  def before(self, step: int) -> None:
+    if step == self.first:
+      jax.profiler.start_trace(self.dir)
+      self.on = True
+
+  def after(self, step: int, state) -> None:
+    if self.on and step + 1 == self.last:
+      self.stop(state)
+
+  def stop(self, state=None) -> None:
+    if self.on:
+      jax.block_until_ready(state)  # the traced steps' device work, not just their dispatch
+      jax.profiler.stop_trace()
+      self.on = False
+      logging.info("wrote a profile of steps %d-%d to %s", self.first, self.last - 1, self.dir)
+
+
 def train(config: ConfigDict, workdir: str | None = None,
           devices: list[jax.Device] | None = None) -> list[dict]:
   """Trains to config.train.steps, resuming from workdir's latest checkpoint if there is one.
@@ -366,10 +411,12 @@ def train(config: ConfigDict, workdir: str | None = None,
               {"step": done, "data_position": done, "elapsed_s": elapsed(),
                "mesh": mesh_lib.describe(run.mesh), "config": config_record})
 
-  preempt = _Preemption()
+  preempt, profile = _Preemption(), Profile(tc.profile_steps, workdir)
   try:
     for step, batch in loader.prefetch(run.batches, start, tc.steps):
+      profile.before(step)
       state, metrics = step_fn(state, batch)
+      profile.after(step, state)
       done = step + 1
       meter.add(batch["inputs"].shape[1])
       if done == start + 1 or done % tc.log_every == 0 or done == tc.steps:
@@ -396,6 +443,7 @@ def train(config: ConfigDict, workdir: str | None = None,
     if ckpt and ckpt.latest_step() != done:
       save(done)
   finally:
+    profile.stop(state)
     preempt.restore()
     if ckpt:
       ckpt.close()
