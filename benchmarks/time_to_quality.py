@@ -104,8 +104,8 @@ def main(argv):
               for s in steps)
   per_s = valid / timing["train_s"]
   peak, src = throughput.total_peak_flops(list(run.mesh.devices.flat), float(config.train.peak_tflops))
-  meter = trainer.Meter(run, 0)
-  flops = sum(meter.flops_of[run.source.row_len(s) - 1] for s in steps)
+  flops_of = trainer.step_flops(run)  # (not a Meter: it would measure the peak again)
+  flops = sum(flops_of[run.source.row_len(s) - 1] for s in steps)
   mfu = flops / timing["train_s"] / peak
   print(f"{per_s:,.0f} non-padding positions/s, MFU {100 * mfu:.2f}% ({src}), "
         f"compile {timing['compile_s']:.1f}s")

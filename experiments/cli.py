@@ -1,5 +1,6 @@
 """What every command line here shares: bad input ends in one `error:` line and exit 2."""
 
+import math
 import sys
 
 from absl import flags
@@ -45,7 +46,8 @@ def host_devices(config, requested: int) -> int:
   """Virtual CPU devices to create: `requested` if positive, else as many as the config's
   mesh has (8 when a mesh axis is -1, to be resolved). Extra virtual devices on a CPU only
   split its cores into more, smaller programs: a 1x1x1 mesh gets one device."""
+  from rec_llm.parallel.mesh import MESH_AXES  # here: --help stays free of JAX
   if requested > 0:
     return requested
-  dims = [int(config.mesh[a]) for a in ("data", "tensor", "pipe")]
-  return 8 if min(dims) < 1 else dims[0] * dims[1] * dims[2]
+  dims = [int(config.mesh[a]) for a in MESH_AXES]
+  return 8 if min(dims) < 1 else math.prod(dims)

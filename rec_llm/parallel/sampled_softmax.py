@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from rec_llm.parallel import vocab_parallel as vp
 
 SAMPLERS = ("uniform", "popularity", "in_batch")
+SHARES = ("batch", "row")  # train.neg_share: one draw per batch, or one per sequence (per_row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,7 @@ def draw(s: Sampler, key, first_stratum, local_strata: int, w):
   return rows.reshape(-1), logq.reshape(-1), ok.reshape(-1)
 
 
-def sampled_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array, step: jax.Array,
+def sampled_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array, seeds: jax.Array,
                  num_valid: int, sampler: Sampler) -> tuple[jax.Array, jax.Array]:
   """Sampled-softmax cross-entropy, vocab-parallel, as `vocab_parallel.softmax_xent` takes
   its arguments.
@@ -103,7 +104,7 @@ def sampled_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array, step: 
   Args:
     hidden: [batch, seq, embed]; table: [vocab, embed] (rows over 'vocab') or `tie`'s copies.
     targets: [batch, seq] item ids (0: padding).
-    step: [batch] the draw's seed on every row (`draw_seeds`; rows carry it so that
+    seeds: [batch] the draw's seed on every row (`draw_seeds`; rows carry it so that
       microbatches and data shards see it like the rest of the batch).
     num_valid: ids 1..num_valid-1 are real items.
     sampler: the draw.
@@ -120,7 +121,7 @@ def sampled_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array, step: 
     raise ValueError(f"{shards} vocab shards must divide sampler.strata={sampler.strata}")
   local_strata = sampler.strata // shards
 
-  def local(h, tbl, tgt, stp):
+  def local(h, tbl, tgt, sds):
     tbl = vp._local_table(tbl)
     start, rows = vp._shard_bounds(tbl, vaxis)
     col = start + jnp.arange(rows)
@@ -129,11 +130,11 @@ def sampled_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array, step: 
     one = lambda sd: draw(sampler, jax.random.fold_in(jax.random.PRNGKey(sampler.seed), sd),
                           first, local_strata, w)
     if sampler.per_row:  # [rows, 1, n]: each row's own negatives
-      off, logq, ok = (x[:, None] for x in jax.vmap(one)(stp))
+      off, logq, ok = (x[:, None] for x in jax.vmap(one)(sds))
       neg = jnp.einsum("bsd,bnd->bsn", h, jnp.take(tbl, off[:, 0], axis=0),
                        preferred_element_type=jnp.float32)
     else:
-      off, logq, ok = one(stp[0])
+      off, logq, ok = one(sds[0])
       neg = jnp.einsum("bsd,nd->bsn", h, jnp.take(tbl, off, axis=0),
                        preferred_element_type=jnp.float32)
     keep = ok & ((start + off) != tgt[..., None])  # accidental hits left out
@@ -151,7 +152,7 @@ def sampled_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array, step: 
     ahead = keep & vp.ahead_of_target(jax.lax.stop_gradient(neg), start + off, t, tgt[..., None])
     return jnp.log(sumexp) + m - tgt_logit, vp._psum(ahead.sum(-1), vaxis)
 
-  args = (hidden, table, targets, step)
+  args = (hidden, table, targets, seeds)
   if axes is None:
     return local(*args)
   specs = (P(baxis, None, None), vp._table_spec(table, vaxis, baxis), P(baxis, None), P(baxis))

@@ -286,7 +286,7 @@ def check_loss(tc: ConfigDict, tensor: int) -> None:
   if tc.sampler not in sampled_softmax.SAMPLERS:
     raise ConfigError(f"train.sampler={tc.sampler!r} is unknown; choose one of "
                       f"{list(sampled_softmax.SAMPLERS)}")
-  if tc.neg_share not in ("batch", "row"):
+  if tc.neg_share not in sampled_softmax.SHARES:
     raise ConfigError(f"train.neg_share={tc.neg_share!r} is unknown; choose 'batch' (one draw "
                       "shared by the batch) or 'row' (a draw per sequence)")
   n, g = tc.negatives, tc.neg_strata

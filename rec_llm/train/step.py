@@ -48,12 +48,14 @@ def as_head(head) -> Head:
 
 
 def with_step(batch: dict, step: jax.Array, head) -> dict:
-  """The batch with the step on every row when the head draws negatives (their seed): rows
-  travel to every data shard and microbatch, so each sees the same draw."""
+  """The batch with its draw seeds ("draw_seed", from the step) on every row when the head
+  draws negatives: rows travel to every data shard and microbatch, so each sees the same
+  draw."""
   sampler = as_head(head).sampler
   if sampler is None:
     return batch
-  return {**batch, "step": sampled_softmax.draw_seeds(sampler, step, batch["targets"].shape[0])}
+  seeds = sampled_softmax.draw_seeds(sampler, step, batch["targets"].shape[0])
+  return {**batch, "draw_seed": seeds}
 
 
 def loss_fn(params, batch, model: nn.Module, head, dropout_rng=None):
@@ -73,7 +75,7 @@ def head_sums(hidden, table, batch, head):
   if head.sampler is None:
     nll, rank = vocab_parallel.softmax_xent(hidden, table, targets, head.num_valid)
   else:
-    nll, rank = sampled_softmax.sampled_xent(hidden, table, targets, batch["step"],
+    nll, rank = sampled_softmax.sampled_xent(hidden, table, targets, batch["draw_seed"],
                                              head.num_valid, head.sampler)
   mask = targets != 0
   return jnp.where(mask, nll, 0.0).sum(), ((rank < 10) & mask).sum(), mask.sum()

@@ -97,7 +97,7 @@ def make_head(tc: ConfigDict, source: sources.Source, vocab_size: int) -> Head:
     counts[:len(source.item_counts)] = source.item_counts[:num_valid]
   return Head(num_valid, sampled_softmax.Sampler(
       tc.sampler, int(tc.negatives), int(tc.neg_strata), int(tc.seed),
-      tc.neg_share == "row", counts))
+      tc.neg_share == sampled_softmax.SHARES[1], counts))
 
 
 def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: bool = True) -> Run:
@@ -253,16 +253,22 @@ def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer | None, config_recor
   return state, float(meta["elapsed_s"])
 
 
+def step_flops(run: Run) -> dict[int, float]:
+  """Model FLOPs of one step by batch width (length buckets change it): the sampled head's
+  scored items when it has one (arithmetic.flops_per_token)."""
+  negatives = run.head.sampler.negatives if run.head and run.head.sampler else 0
+  return {w: flops_per_token(run.model_cfg, w, negatives) * run.config.train.batch_size * w
+          for w in run.batches.widths}
+
+
 class Meter:
   """Throughput over the window since the last log: positions, model FLOPs, MFU, ETA."""
 
   def __init__(self, run: Run, start: int):
-    tc, mc = run.config.train, run.model_cfg
+    tc = run.config.train
     # Positions and model FLOPs of a step, by batch width (length buckets change both).
     self.tokens_of = {w: tc.batch_size * w for w in run.batches.widths}
-    negatives = run.head.sampler.negatives if run.head and run.head.sampler else 0
-    self.flops_of = {w: flops_per_token(mc, w, negatives) * self.tokens_of[w]
-                     for w in run.batches.widths}
+    self.flops_of = step_flops(run)
     self.peak, src = throughput.total_peak_flops(list(run.mesh.devices.flat),
                                                  float(tc.peak_tflops))
     logging.info("peak %.3g FLOP/s (%s); %.3g model FLOPs per full-width step", self.peak, src,
