@@ -177,7 +177,7 @@ def _spec(run) -> cm.ModelSpec:
   layers, hidden, heads, _, vocab, seq = run["model"]
   return cm.ModelSpec(num_layers=layers, d_model=hidden, num_heads=heads, mlp_dim=_dense_mlp(run),
                       max_len=seq, num_items=vocab - 1, vocab_multiple=1, dtype="bfloat16",
-                      attention=run["attention"])
+                      attention=run["attention"], head="whole")
 
 
 def source_plan(run) -> sim.Plan:

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import math
 import re
@@ -72,16 +73,20 @@ def _hlo(data, tensor):
 
 @pytest.mark.parametrize("data,tensor", [(2, 4), (1, 8)])
 def test_no_device_holds_unsharded_logits(data, tensor):
+  """The full softmax scores a chunk of positions at a time (vocab_parallel.CHUNK_ROWS)
+  against the device's own table rows: no array ends in the whole vocabulary."""
   mc, text = _hlo(data, tensor)
-  b, s, v = 16 // data, mc.max_len, mc.vocab_size
-  assert re.search(rf"f32\[{b},{s},{v // tensor}\]", text), "local logits block not found"
-  assert not re.search(rf"\[\d+,\d+,{v}\]", text), "a [batch, seq, vocab] array is unsharded"
+  _, rows = vocab_parallel.chunking(16 // data * mc.max_len)
+  v = mc.vocab_size
+  assert re.search(rf"f32\[{rows},{v // tensor}\]", text), "local logits block not found"
+  assert not re.search(rf"\[(\d+,)+{v}\]", text), "a [..., vocab] array is unsharded"
 
 
 def test_single_device_hlo_has_full_logits():
   """Positive control for the pattern above."""
   mc, text = _hlo(1, 1)
-  assert re.search(rf"f32\[16,{mc.max_len},{mc.vocab_size}\]", text)
+  _, rows = vocab_parallel.chunking(16 * mc.max_len)
+  assert re.search(rf"f32\[{rows},{mc.vocab_size}\]", text)
 
 
 def test_vocab_parallel_ops_match_dense_reference():
@@ -120,6 +125,49 @@ def test_vocab_parallel_ops_match_dense_reference():
   assert ((lo <= r) & (r <= hi)).all(), (r, lo, hi)
 
 
+@pytest.mark.parametrize("mesh_shape", [None, (2, 4), (1, 8)])
+@pytest.mark.parametrize("chunk_rows", [3, 256])
+def test_fused_softmax_gradients_match_autodiff(mesh_shape, chunk_rows):
+  """The full softmax's hand-written gradients against autodiff of a float64 dense
+  cross-entropy: hidden-state and table gradients, on one device and vocab-parallel, in
+  chunks of 3 (padding rows in the last) or in one; per position (a backward pass that
+  recomputes the logits) and `total` (the sum over real targets, its gradient computed in
+  the forward pass). Tolerance: 1e-5 of the largest gradient (float32 sums of at most 64
+  terms)."""
+  rng = np.random.default_rng(0)
+  vocab, d, num_valid = 64, 8, 50
+  table = rng.normal(size=(vocab, d)).astype(np.float32)
+  hidden = rng.normal(size=(4, 5, d)).astype(np.float32)
+  targets = rng.integers(1, num_valid, size=(4, 5)).astype(np.int32)
+  targets[0, 0] = 0
+  weight = np.arange(20.0).reshape(4, 5) * (targets != 0)  # distinct per position
+
+  def ref(h, t, weight):
+    logits = jnp.where((jnp.arange(vocab) > 0) & (jnp.arange(vocab) < num_valid), h @ t.T, -jnp.inf)
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where(targets != 0, nll, 0) * weight)
+
+  xent = functools.partial(vocab_parallel.softmax_xent, targets=targets, num_valid=num_valid,
+                           chunk_rows=chunk_rows)
+  losses = {"per position": lambda h, t: jnp.sum(xent(h, t)[0] * weight),
+            "total": lambda h, t: xent(h, t, total=True)[0]}
+  weights = {"per position": weight, "total": np.ones_like(weight)}
+  mesh = mesh_shape and mesh_lib.build_mesh(dict(data=mesh_shape[0], tensor=mesh_shape[1], pipe=1))
+  for kind, loss in losses.items():
+    with jax.enable_x64():
+      want = jax.value_and_grad(ref, (0, 1))(hidden.astype(np.float64), table.astype(np.float64),
+                                             weights[kind])
+    if mesh is None:
+      got = jax.jit(jax.value_and_grad(loss, (0, 1)))(hidden, table)
+    else:
+      with sharding.activate(mesh):
+        got = jax.jit(jax.value_and_grad(loss, (0, 1)))(hidden, table)
+    numerics.check_close(f"{kind} loss", float(got[0]), float(want[0]), 1e-5 * abs(float(want[0])))
+    for name, g, w in zip(("hidden", "table"), got[1], want[1]):
+      w = np.asarray(w)
+      numerics.check_close(f"{kind} d {name}", np.asarray(g), w, 1e-5 * np.abs(w).max())
+
+
 def test_padding_does_not_leak_into_real_positions():
   """Changing what sits under padded inputs changes nothing at real positions."""
   mc = config_check.model_config(tiny_config(), 300)
@@ -156,6 +204,33 @@ def test_short_window_equals_left_padded_full_window():
   numerics.check_close("last pad", h_short[1, 0], h_full[1, -5], bound(h_full[1, -5]))
 
 
+def test_causal_query_blocks_compute_the_same():
+  """Attention in 2 or 3 query blocks (each scoring only the keys up to its end) gives the
+  1-block model's hidden states and gradients at real positions: the skipped scores were
+  masked, so only the matmuls' blocking differs (LAYOUT_RTOL: elementwise for the states, as
+  in the test above; in relative norm per parameter for the gradients, as between layouts). (A
+  padding query sees no valid key; what it averages is unused, and differs.)"""
+  mc = config_check.model_config(tiny_config(), 300)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, size=(3, mc.max_len)), jnp.int32)
+  ids = ids.at[0, :5].set(0)  # left padding
+  params = nn_unbox(SeqTransformer(mc).init(jax.random.PRNGKey(0), ids)["params"])
+  # A random linear read-out: a sum of squares after the final LayerNorm is nearly constant,
+  # and its gradients would be all cancellation.
+  w = jax.random.normal(jax.random.PRNGKey(1), ids.shape + (mc.d_model,))
+
+  def run(blocks):
+    model = SeqTransformer(dataclasses.replace(mc, causal_blocks=blocks))
+    real = lambda p: jnp.where((ids != 0)[..., None], model.apply({"params": p}, ids)[0], 0)
+    return real(params), jax.grad(lambda p: jnp.sum(real(p) * w))(params)
+
+  h1, g1 = run(1)
+  bound = lambda x: LAYOUT_RTOL * np.maximum(np.abs(np.asarray(x)), 1.0)
+  for blocks in (2, 3):
+    h, g = run(blocks)
+    numerics.check_close(f"{blocks} blocks", h, h1, bound(h1))
+    numerics.check_tree_rel(f"{blocks} blocks, gradients", g, g1, LAYOUT_RTOL)  # relative norm
+
+
 def nn_unbox(tree):
   import flax.linen as nn
   return nn.meta.unbox(tree)
@@ -179,3 +254,26 @@ def test_cosine_scores_match_reference_and_shard():
     state, m = run.compile()(run.state, run.batches(0))
     losses.append(float(m["loss"]))
   numerics.check_close("loss", losses[1], losses[0], LAYOUT_RTOL * abs(losses[0]))
+
+
+def test_byte_dropout_drops_its_rounded_rate_and_keeps_the_expectation():
+  """seq_transformer.Dropout (8 random bits an element): drops round(rate * 256) / 256 of the
+  elements, independently of their place in a 4-element word, scales the kept ones so the
+  mean is unchanged, draws anew on each call, and is the identity when deterministic. An odd
+  last axis (203) checks the word padding. Tolerances: 5 standard deviations of a binomial
+  over the 2.6M elements (over 650k per word position)."""
+  from rec_llm.models.seq_transformer import Dropout
+  x = jnp.ones((64, 200, 203))
+  drop = Dropout(0.2, deterministic=False)
+  y1, y2 = (np.asarray(drop.apply({}, x, rngs={"dropout": jax.random.PRNGKey(s)})) for s in (0, 1))
+  p, n = 51 / 256, x.size
+  numerics.check("dropped fraction", abs(np.mean(y1 == 0) - p), 5 * math.sqrt(p * (1 - p) / n))
+  numerics.check("mean", abs(y1.mean() - 1), 5 * math.sqrt(p / (1 - p) / n))
+  np.testing.assert_allclose(y1[y1 != 0], 256 / 205, rtol=1e-6)
+  for j in range(4):  # each byte of a word is an independent draw
+    col = y1[..., j:200:4] == 0
+    numerics.check(f"byte {j}", abs(col.mean() - p), 5 * math.sqrt(p * (1 - p) / col.size))
+  assert 0.5 < np.mean((y1 == 0) != (y2 == 0)) / (2 * p * (1 - p)) < 1.5  # another draw
+  np.testing.assert_array_equal(Dropout(0.2, deterministic=True).apply({}, x), x)
+  np.testing.assert_array_equal(Dropout(0.001, deterministic=False).apply(
+      {}, x, rngs={"dropout": jax.random.PRNGKey(0)}), x)  # rounds to 0: nothing dropped

@@ -12,7 +12,7 @@ import pytest
 
 from rec_llm.errors import ConfigError
 from rec_llm.models import arithmetic
-from rec_llm.parallel import payload, schedules
+from rec_llm.parallel import payload, schedules, vocab_parallel
 from rec_llm.sim import balance, cluster, cost_model as cm, partition, planner, simulator as sim
 from tests.conftest import ROOT
 
@@ -483,8 +483,12 @@ def test_sampled_head_prices_the_scored_items_and_keeps_the_table():
     t = plan.tensor
     assert cm.component_time(c, sampled, "head", 6400, t) < \
         cm.component_time(c, LARGE, "head", 6400, t) / 10
-    assert samp.memory["head"] == pytest.approx(
-        full.memory["head"] * (1024 / t + 1) / (LARGE.vocab_size / t))
+    # The sampled head's logits live for every position; the full softmax's for one chunk.
+    n = 64 * 200 / plan.data
+    chunk = vocab_parallel.chunking(int(n))[1]
+    assert samp.memory["head"] == pytest.approx(n * 12 * (1024 / t + 1))
+    assert full.memory["head"] == pytest.approx(
+        chunk * 12 * LARGE.vocab_size / t + n * (8 * LARGE.d_model + 12))
     assert samp.memory["total"] < full.memory["total"] and samp.step_s < full.step_s
     for k in ("params", "grads", "adam"):
       assert samp.memory[k] == full.memory[k], k

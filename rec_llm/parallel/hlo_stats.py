@@ -12,8 +12,10 @@ Counting conventions (per device, per step):
 - A collective inside a conditional branch is counted every time its conditional runs
   ("as if taken"): static HLO cannot know which branch runs. Pipelines therefore report an
   upper bound for collectives inside their per-tick branches (see the README formulas).
-- A while loop in the named scope AT_MOST_ONCE (rec_llm/parallel/control.run_if: a
-  conditional written as a loop of zero or one trips) counts once, as if taken.
+- A while loop in the named scope `at_most(n)` counts n times, as if it ran them all: the
+  full softmax's chunk loops (rec_llm/parallel/vocab_parallel.py, which skip the chunks of
+  padding), and AT_MOST_ONCE (rec_llm/parallel/control.run_if: a conditional written as a
+  loop of zero or one trips), as if taken.
 - Any other while loop without a known trip count (a loop bounded by a traced value, such
   as a pipeline stage's block loop) counts `unknown_trip_count` times if the caller gives it
   (an upper bound such as the longest stage's block count), else it is an error.
@@ -27,7 +29,14 @@ import re
 
 import numpy as np
 
-AT_MOST_ONCE = "at_most_once"  # the named scope of control.run_if's 0/1-trip loop
+
+
+def at_most(trips: int) -> str:
+  """The named scope of a while loop of at most `trips` trips (counted as that many)."""
+  return f"at_most_{trips}_trips"
+
+
+AT_MOST_ONCE = at_most(1)  # control.run_if's 0/1-trip loop
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -150,13 +159,13 @@ def collectives(text: str, mesh_shape: dict[str, int],
         out.append(Collective(base, _axes_of(groups, mesh_shape), payload, mult, name,
                               max((len(g) for g in groups), default=1)))
       if op == "while":
-        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-        once = f"/{AT_MOST_ONCE}/" in rest
-        if trip is None and not once and unknown_trip_count is None:
+        trip = (re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                or re.search(r"/at_most_(\d+)_trips/", rest))
+        if trip is None and unknown_trip_count is None:
           raise ValueError(f"while loop {name} has no known trip count; pass "
                            "unknown_trip_count (an upper bound) to count its collectives")
         body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
-        n = int(trip.group(1)) if trip else 1 if once else int(unknown_trip_count)
+        n = int(trip.group(1)) if trip else int(unknown_trip_count)
         visit(body, mult * n, seen | {comp})
       elif op == "conditional":
         m = re.search(r"branch_computations=\{([^}]*)\}", rest)

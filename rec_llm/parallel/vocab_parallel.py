@@ -9,11 +9,13 @@ Both functions take the current mesh from `jax.set_mesh` (see `sharding.activate
 fall back to plain single-device code when no mesh is active (e.g. abstract init).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from rec_llm.parallel import sharding
+from rec_llm.parallel import hlo_stats, sharding
 
 _NEG = -1e30  # finite "minus infinity": keeps fully-masked rows NaN-free
 
@@ -101,8 +103,24 @@ def ahead_of_target(scores: jax.Array, ids: jax.Array, target_score: jax.Array,
           | ((scores == target_score) & (ids < target_id)))
 
 
+# Positions scored at once by the full softmax. Its logits are computed, reduced and
+# differentiated a block of rows at a time (a fused head and loss, as flash attention fuses
+# its softmax), so they stay in cache instead of making several passes over a
+# [batch, seq, vocab] array in memory: 2.5x faster forward + backward on CPU at
+# 25,600 positions x 3,456 items (128 rows: no faster; 1,024: 1.3x slower).
+CHUNK_ROWS = 256
+
+
+def chunking(n: int, chunk_rows: int = CHUNK_ROWS) -> tuple[int, int]:
+  """(chunks, rows per chunk) for n positions: as few chunks of at most chunk_rows as can
+  be, evened out, so fewer than `chunks` rows are padding."""
+  k = max(-(-n // chunk_rows), 1)
+  return k, -(-n // k)
+
+
 def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
-                 num_valid: int, exclude: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 num_valid: int, exclude: jax.Array | None = None,
+                 chunk_rows: int = CHUNK_ROWS, total: bool = False) -> tuple[jax.Array, jax.Array]:
   """Full-softmax cross-entropy against tied item scores, computed vocab-parallel.
 
   Args:
@@ -113,11 +131,17 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
       the table for even sharding are excluded from the softmax.
     exclude: optional [batch, n] ids left out of each row's rank (not of the loss), e.g.
       the items the user has seen; 0 is ignored, and a row's target is never left out.
+    chunk_rows: positions scored at once (`CHUNK_ROWS`); any value gives the same result.
+    total: return the sum of the nll over the non-padding targets instead of each, and
+      under differentiation compute its gradient during the forward pass: 3 matmuls a
+      chunk instead of 4 (no second pass recomputing the logits), the training loss's way.
 
   Returns:
     (nll, rank), both [batch, seq]: the negative log-likelihood of each target and its
     0-based rank among the valid items (`ahead_of_target`: higher scores, equal scores of
-    lower id, and any non-finite score), for hit-rate and ranking metrics.
+    lower id, and any non-finite score), for hit-rate and ranking metrics. At padding
+    targets (id 0) both are meaningless (mostly 0: not computed); callers mask them. With
+    `total`, nll is a scalar.
   """
   axes = _axes()
   vaxis, baxis = axes if axes is not None else (None, None)
@@ -125,36 +149,178 @@ def softmax_xent(hidden: jax.Array, table: jax.Array, targets: jax.Array,
   def local(h, tbl, tgt, ex=None):
     tbl = _local_table(tbl)
     start, rows = _shard_bounds(tbl, vaxis)
-    logits = jnp.einsum("bsd,vd->bsv", h, tbl, preferred_element_type=jnp.float32)
-    col = start + jnp.arange(rows)
-    valid = (col > 0) & (col < num_valid)
-    logits = jnp.where(valid, logits, _NEG)
-    m = jax.lax.stop_gradient(logits.max(-1))
-    if vaxis is not None:
-      m = jax.lax.pmax(m, vaxis)
-    sumexp = _psum(jnp.exp(logits - m[..., None]).sum(-1), vaxis)
-    lse = jnp.log(sumexp) + m
-    rel = tgt - start
-    hit = (rel >= 0) & (rel < rows)
-    picked = jnp.take_along_axis(logits, jnp.clip(rel, 0, rows - 1)[..., None], -1)[..., 0]
-    tgt_logit = _psum(jnp.where(hit, picked, 0.0), vaxis)
-    t = jax.lax.stop_gradient(tgt_logit)[..., None]
-    above = (ahead_of_target(jax.lax.stop_gradient(logits), col, t, tgt[..., None])
-             & valid & (col != tgt[..., None]))
-    if ex is not None:  # a [batch, rows] mask of this shard's excluded rows, by scatter
-      b = ex.shape[0]
+    b, s, d = h.shape
+    k, c = chunking(b * s, chunk_rows)
+    # Positions with a target first, padding after: the chunks past the last target are
+    # skipped (a length bucket's batch is still a fifth padding on ML-1M).
+    order = jnp.argsort(tgt.reshape(-1) == 0, stable=True)
+    blocks = lambda x, fill: jnp.pad(
+        jnp.asarray(x)[order], [(0, k * c - b * s)] + [(0, 0)] * (x.ndim - 1),
+        constant_values=fill).reshape((k, c) + x.shape[1:])
+    live = (jnp.sum(tgt != 0) + c - 1) // c
+    row = seen = None
+    if ex is not None:  # a [batch + 1, rows] mask of this shard's excluded rows, by scatter
       rel_ex = jnp.where((ex > 0) & (ex >= start) & (ex < start + rows), ex - start, rows)
-      seen = jnp.zeros((b, rows + 1), bool).at[jnp.arange(b)[:, None], rel_ex].set(True)[:, :rows]
-      above = above & ~(seen[:, None, :] & (col != tgt[..., None]))
-    return lse - tgt_logit, _psum(above.sum(-1), vaxis)
+      seen = jnp.zeros((b + 1, rows + 1), bool).at[jnp.arange(b)[:, None], rel_ex].set(True)
+      seen = seen[:, :rows]
+      row = blocks(jnp.arange(b * s) // s, b)  # each position's row of `seen`
+    fused = _fused_xent_total if total else _fused_xent
+    nll, rank = fused(num_valid, vaxis, blocks(h.reshape(b * s, d), 0), tbl,
+                      blocks(tgt.reshape(-1), 0), start, live, row, seen)
+    unsort = lambda x: jnp.zeros(b * s, x.dtype).at[order].set(x.reshape(-1)[:b * s]).reshape(b, s)
+    return (nll[None] if total else unsort(nll)), unsort(rank)
 
   args = (hidden, table, targets) + (() if exclude is None else (exclude,))
   if axes is None:
-    return local(*args)
-  specs = (P(baxis, None, None), _table_spec(table, vaxis, baxis), P(baxis, None),
-           P(baxis, None))
-  return jax.shard_map(local, in_specs=specs[:len(args)],
-                       out_specs=(P(baxis, None), P(baxis, None)))(*args)
+    nll, rank = local(*args)
+  else:
+    specs = (P(baxis, None, None), _table_spec(table, vaxis, baxis), P(baxis, None),
+             P(baxis, None))
+    out_specs = (P(baxis) if total else P(baxis, None), P(baxis, None))
+    nll, rank = jax.shard_map(local, in_specs=specs[:len(args)], out_specs=out_specs)(*args)
+  return (nll.sum() if total else nll), rank  # (total: one partial sum per batch shard)
+
+
+def _chunk_logits(num_valid, hc, tbl, start):
+  """A chunk's [rows, shard rows] float32 logits (invalid items at _NEG) and item ids."""
+  col = start + jnp.arange(tbl.shape[0])
+  valid = (col > 0) & (col < num_valid)
+  logits = jnp.einsum("cd,vd->cv", hc, tbl, preferred_element_type=jnp.float32)
+  return jnp.where(valid, logits, _NEG), col, valid
+
+
+def _chunk_stats(num_valid, vaxis, hc, tbl, tc, start, seen_rows):
+  """One chunk's logits, item ids, valid items, log-sum-exp, target logit and rank."""
+  logits, col, valid = _chunk_logits(num_valid, hc, tbl, start)
+  m = logits.max(-1)
+  if vaxis is not None:
+    m = jax.lax.pmax(m, vaxis)
+  lse = jnp.log(_psum(jnp.exp(logits - m[:, None]).sum(-1), vaxis)) + m
+  rel = tc - start
+  hit = (rel >= 0) & (rel < tbl.shape[0])
+  picked = jnp.take_along_axis(logits, jnp.clip(rel, 0, tbl.shape[0] - 1)[:, None], -1)[:, 0]
+  tgt_logit = _psum(jnp.where(hit, picked, 0.0), vaxis)
+  above = (ahead_of_target(logits, col, tgt_logit[:, None], tc[:, None])
+           & valid & (col != tc[:, None]))
+  if seen_rows is not None:
+    above = above & ~seen_rows
+  rank = _psum(above.sum(-1, dtype=jnp.int32), vaxis)
+  return logits, col, valid, lse, tgt_logit, rank
+
+
+def _d_logits(logits, col, valid, lse, tc):
+  """d nll / d logits: softmax - one-hot."""
+  return jnp.exp(logits - lse[:, None]) - ((col == tc[:, None]) & valid)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_xent(num_valid, vaxis, h, tbl, tgt, start, live, row, seen):
+  return _fused_xent_fwd(num_valid, vaxis, h, tbl, tgt, start, live, row, seen)[0]
+
+
+def _fused_xent_fwd(num_valid, vaxis, h, tbl, tgt, start, live, row, seen):
+  """h [chunks, c, embed], tgt and row [chunks, c] -> (nll, rank) [chunks, c], over the
+  first `live` chunks (the rest: 0); saves each position's log-sum-exp."""
+
+  def chunk(i, out):
+    *_, lse, tgt_logit, rank = _chunk_stats(num_valid, vaxis, h[i], tbl, tgt[i], start,
+                                            None if seen is None else seen[row[i]])
+    return tuple(o.at[i].set(v) for o, v in zip(out, (lse - tgt_logit, rank, lse)))
+
+  zeros = lambda dtype: _varying(jnp.zeros(tgt.shape, dtype), h, tgt)
+  nll, rank, lse = _chunk_loop(live, tgt.shape[0], chunk, (zeros(jnp.float32), zeros(jnp.int32),
+                                                             zeros(jnp.float32)))
+  return (nll, rank), (h, tbl, tgt, start, live, lse)
+
+
+def _fused_xent_bwd(num_valid, vaxis, res, g):
+  """d nll / d logits = softmax - one-hot, recomputed a chunk at a time. The hidden states'
+  gradient sums the vocab shards' parts (h is the same on every shard); a table given
+  without `tie`'s per-shard copies sums the batch shards' parts."""
+  h, tbl, tgt, start, live, lse = res
+
+  def chunk(i, carry):
+    d_tbl, d_h = carry
+    hc, tc = h[i], tgt[i]
+    logits, col, valid = _chunk_logits(num_valid, hc, tbl, start)
+    d_logits = g[0][i][:, None] * _d_logits(logits, col, valid, lse[i], tc)
+    d_tbl = d_tbl + jnp.einsum("cv,cd->vd", d_logits, hc.astype(jnp.float32))
+    return d_tbl, d_h.at[i].set(jnp.einsum("cv,vd->cd", d_logits, tbl.astype(jnp.float32)))
+
+  # The carries' types are their sums': varying wherever h or the table does.
+  init = tuple(_varying(jnp.zeros(x.shape, jnp.float32), h, tbl) for x in (tbl, h))
+  d_tbl, d_h = _chunk_loop(live, tgt.shape[0], chunk, init)
+  return (_reduce_to(d_h, h).astype(h.dtype), _reduce_to(d_tbl, tbl).astype(tbl.dtype),
+          None, None, None, None, None)
+
+
+_fused_xent.defvjp(_fused_xent_fwd, _fused_xent_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_xent_total(num_valid, vaxis, h, tbl, tgt, start, live, row, seen):
+  (nll, rank), _ = _fused_xent_fwd(num_valid, vaxis, h, tbl, tgt, start, live, row, seen)
+  return jnp.where(tgt != 0, nll, 0.0).sum(), rank
+
+
+def _fused_xent_total_fwd(num_valid, vaxis, h, tbl, tgt, start, live, row, seen):
+  """The sum over non-padding targets, and its gradient while the logits are at hand (a
+  sum's cotangent is one number, so the gradient is known up to it)."""
+
+  def chunk(i, carry):
+    total, rank, d_tbl, d_h = carry
+    hc, tc = h[i], tgt[i]
+    logits, col, valid, lse, tgt_logit, r = _chunk_stats(
+        num_valid, vaxis, hc, tbl, tc, start, None if seen is None else seen[row[i]])
+    real = tc != 0
+    d_logits = jnp.where(real[:, None], _d_logits(logits, col, valid, lse, tc), 0.0)
+    return (total + jnp.where(real, lse - tgt_logit, 0.0).sum(), rank.at[i].set(r),
+            d_tbl + jnp.einsum("cv,cd->vd", d_logits, hc.astype(jnp.float32)),
+            d_h.at[i].set(jnp.einsum("cv,vd->cd", d_logits, tbl.astype(jnp.float32))))
+
+  init = (_varying(jnp.zeros((), jnp.float32), h, tgt),
+          _varying(jnp.zeros(tgt.shape, jnp.int32), h, tgt),
+          *(_varying(jnp.zeros(x.shape, jnp.float32), h, tbl) for x in (tbl, h)))
+  total, rank, d_tbl, d_h = _chunk_loop(live, tgt.shape[0], chunk, init)
+  return (total, rank), (h, tbl, d_h, d_tbl)
+
+
+def _fused_xent_total_bwd(num_valid, vaxis, res, g):
+  h, tbl, d_h, d_tbl = res
+  return (_reduce_to(g[0] * d_h, h).astype(h.dtype),
+          _reduce_to(g[0] * d_tbl, tbl).astype(tbl.dtype), None, None, None, None, None)
+
+
+_fused_xent_total.defvjp(_fused_xent_total_fwd, _fused_xent_total_bwd)
+
+
+def _chunk_loop(live, chunks, body, init):
+  """body(i, carry) for the first `live` of `chunks` chunks, named so that
+  rec_llm/parallel/hlo_stats.py counts its collectives `chunks` times."""
+  with jax.named_scope(hlo_stats.at_most(chunks)):
+    return jax.lax.fori_loop(0, live, body, init)
+
+
+def _varying_axes(x) -> frozenset:
+  """The manual (shard_map) mesh axes over which x's value varies."""
+  return jax.typeof(x).manual_axis_type.varying
+
+
+def _varying(x, *like):
+  """x typed as varying over the manual mesh axes any of `like` vary over."""
+  axes = tuple(sorted(set().union(*map(_varying_axes, like)) - _varying_axes(x)))
+  return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _reduce_to(ct, primal):
+  """A cotangent summed over the manual axes it varies over and its primal does not (a
+  value the same on every device there got a part of its gradient on each): what autodiff
+  does when it transposes the implicit broadcast."""
+  axes = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+  return jax.lax.psum(ct, axes) if axes else ct
+
+
+_fused_xent.defvjp(_fused_xent_fwd, _fused_xent_bwd)
 
 
 def top_k(hidden: jax.Array, table: jax.Array, k: int, num_valid: int) -> tuple[jax.Array, jax.Array]:

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from rec_llm.errors import ConfigError
-from rec_llm.parallel import payload
+from rec_llm.parallel import payload, vocab_parallel
 from rec_llm.sim import cluster as cluster_lib
 
 # Item counts of the MovieLens formats (for configs whose data section has no num_items):
@@ -54,6 +54,10 @@ class ModelSpec:
   vocab_multiple: int = 128
   dtype: str = "float32"
   attention: str = "xla"  # SCORE_BYTES: how attention's scores are computed
+  # How the full softmax holds its logits: 'chunked' (rec_llm's fused head, one chunk of
+  # positions at a time: vocab_parallel.chunking) or 'whole' (every position's at once, as
+  # Megatron-LM's vocab-parallel cross-entropy holds them).
+  head: str = "chunked"
   # The head's loss: 0 a full softmax over the table; N > 0 a sampled softmax scoring N
   # negatives and the target per position (train.loss 'sampled'): the table stays whole
   # (parameters, gradient, optimizer state), only the head's scoring shrinks.
@@ -257,10 +261,16 @@ def block_activation_bytes(m: ModelSpec, t: int, sp: bool = False,
           + scores * SCORE_BYTES[m.attention][1] * H * m.max_len / t)
 
 
-def head_transient_bytes(m: ModelSpec, t: int) -> float:
-  """Per token: the f32 logits of the items it scores (head_scored: [V/t], or the sampled
-  negatives and the target), their exponentials and gradient, live in the head."""
-  return 3 * 4 * head_scored(m, t)
+def head_transient_bytes(m: ModelSpec, t: int, tokens: float) -> float:
+  """The head's live bytes for `tokens` positions on one device: f32 logits of the items
+  scored (head_scored), their exponentials and gradient. A sampled head (or a 'whole'
+  one) holds them for every position; the full softmax for one chunk of positions at a
+  time (vocab_parallel.chunking), plus per position its sorted hidden state and gradient
+  and its log-sum-exp, nll and rank."""
+  if m.negatives or m.head == "whole":
+    return tokens * 3 * 4 * head_scored(m, t)
+  rows = vocab_parallel.chunking(max(int(tokens), 1))[1]
+  return rows * 3 * 4 * head_scored(m, t) + tokens * (2 * 4 * m.d_model + 12)
 
 
 # ---- data-parallel compression ----

@@ -128,10 +128,11 @@ def _loss(cfg: st.ModelConfig):
 
   def loss(params, ids, targets):
     hidden, table = model.apply({"params": params}, ids)
-    nll, rank = vocab_parallel.softmax_xent(hidden, table, targets, cfg.num_items + 1)
+    nll_sum, rank = vocab_parallel.softmax_xent(hidden, table, targets, cfg.num_items + 1,
+                                                total=True)
     mask = targets != 0
     count = jnp.maximum(mask.sum(), 1)
-    return jnp.where(mask, nll, 0.0).sum() / count, ((rank < 10) & mask).sum() / count
+    return nll_sum / count, ((rank < 10) & mask).sum() / count
 
   return model, loss
 
@@ -196,8 +197,8 @@ def _component_tables(cfg, rows, depths, device, repeats):
 
   def head_loss(sh, x, tgt):
     hidden, tbl = st.final_norm(cfg, sh, x)
-    nll, rank = vocab_parallel.softmax_xent(hidden, tbl, tgt, cfg.num_items + 1)
-    return nll.sum() + 0.0 * (rank < 10).sum()
+    nll_sum, rank = vocab_parallel.softmax_xent(hidden, tbl, tgt, cfg.num_items + 1, total=True)
+    return nll_sum + 0.0 * (rank < 10).sum()
 
   embed_fb = jax.jit(jax.grad(lambda sh, i: st.embed(cfg, sh, i).sum()))
   head_fb = jax.jit(jax.grad(head_loss, argnums=(0, 1)))

@@ -385,7 +385,7 @@ def memory(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes,
   else:
     out["activations"] = per_mb + transient
     out["pipeline_buffers"] = 0.0
-  out["head"] = n * cm.head_transient_bytes(m, t)
+  out["head"] = cm.head_transient_bytes(m, t, n)
   out["total"] = float(sum(out.values()))
   return out
 

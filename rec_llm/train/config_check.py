@@ -109,7 +109,8 @@ def model_config(config: ConfigDict, num_items: int) -> ModelConfig:
       num_items=num_items, num_layers=m.num_layers, d_model=m.d_model,
       num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len,
       vocab_multiple=m.vocab_multiple, dropout_rate=m.dropout_rate, dtype=m.dtype,
-      remat=m.remat, temperature=float(m.temperature), scan_unroll=int(m.scan_unroll))
+      remat=m.remat, temperature=float(m.temperature), scan_unroll=int(m.scan_unroll),
+      causal_blocks=int(m.causal_blocks))
 
 
 def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -122,6 +123,9 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
   _positive(config, "model", "num_layers", "d_model", "num_heads", "mlp_dim", "max_len")
   _positive(config, "train", "steps", "batch_size", "log_every")
   check_floats(config)
+  if 0 < config.model.dropout_rate < 1 / 512:  # masks use 8 bits (seq_transformer.Dropout)
+    raise ConfigError(f"model.dropout_rate={config.model.dropout_rate} rounds to 0 at the mask's "
+                      "resolution of 1/256; set it to 0 or at least 1/512")
   sources.check_name(config.data.name)
   m = config.model
   if m.max_len < 2:

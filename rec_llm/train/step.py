@@ -72,13 +72,14 @@ def head_sums(hidden, table, batch, head):
   """Sums over the non-padding targets: (negative log-likelihood, hits@10, count). Under a
   sampled head, hits count among the drawn negatives."""
   head, targets = as_head(head), batch["targets"]
-  if head.sampler is None:
-    nll, rank = vocab_parallel.softmax_xent(hidden, table, targets, head.num_valid)
+  mask = targets != 0
+  if head.sampler is None:  # (the sum's gradient is computed with its value)
+    nll_sum, rank = vocab_parallel.softmax_xent(hidden, table, targets, head.num_valid, total=True)
   else:
     nll, rank = sampled_softmax.sampled_xent(hidden, table, targets, batch["draw_seed"],
                                              head.num_valid, head.sampler)
-  mask = targets != 0
-  return jnp.where(mask, nll, 0.0).sum(), ((rank < 10) & mask).sum(), mask.sum()
+    nll_sum = jnp.where(mask, nll, 0.0).sum()
+  return nll_sum, ((rank < 10) & mask).sum(), mask.sum()
 
 
 def stage_fns(cfg: ModelConfig, head) -> pipeline.StageFns:
