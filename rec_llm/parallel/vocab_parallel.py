@@ -239,17 +239,30 @@ def _fused_xent_bwd(num_valid, vaxis, res, g):
   without `tie`'s per-shard copies sums the batch shards' parts."""
   h, tbl, tgt, start, live, lse = res
 
-  def chunk(i, carry):
-    d_tbl, d_h = carry
-    hc, tc = h[i], tgt[i]
-    logits, col, valid = _chunk_logits(num_valid, hc, tbl, start)
-    d_logits = g[0][i][:, None] * _d_logits(logits, col, valid, lse[i], tc)
-    d_tbl = d_tbl + jnp.einsum("cv,cd->vd", d_logits, hc.astype(jnp.float32))
-    return d_tbl, d_h.at[i].set(jnp.einsum("cv,vd->cd", d_logits, tbl.astype(jnp.float32)))
+  def chunk(i, grads):
+    logits, col, valid = _chunk_logits(num_valid, h[i], tbl, start)
+    d_logits = g[0][i][:, None] * _d_logits(logits, col, valid, lse[i], tgt[i])
+    return _add_chunk_grads(grads, i, d_logits, h[i], tbl)
 
-  # The carries' types are their sums': varying wherever h or the table does.
-  init = tuple(_varying(jnp.zeros(x.shape, jnp.float32), h, tbl) for x in (tbl, h))
-  d_tbl, d_h = _chunk_loop(live, tgt.shape[0], chunk, init)
+  d_tbl, d_h = _chunk_loop(live, tgt.shape[0], chunk, _zero_grads(h, tbl))
+  return _cotangents(h, tbl, d_h, d_tbl)
+
+
+def _zero_grads(h, tbl):
+  """(d table, d h) float32 zeros, typed as their sums: varying wherever h or the table does."""
+  return tuple(_varying(jnp.zeros(x.shape, jnp.float32), h, tbl) for x in (tbl, h))
+
+
+def _add_chunk_grads(grads, i, d_logits, hc, tbl):
+  """(d table, d h) with chunk i's parts, from its d nll / d logits."""
+  d_tbl, d_h = grads
+  return (d_tbl + jnp.einsum("cv,cd->vd", d_logits, hc.astype(jnp.float32)),
+          d_h.at[i].set(jnp.einsum("cv,vd->cd", d_logits, tbl.astype(jnp.float32))))
+
+
+def _cotangents(h, tbl, d_h, d_tbl):
+  """The fused functions' cotangents: h's and the table's reduced to their types (`_reduce_to`),
+  none for the integer and mask arguments."""
   return (_reduce_to(d_h, h).astype(h.dtype), _reduce_to(d_tbl, tbl).astype(tbl.dtype),
           None, None, None, None, None)
 
@@ -268,27 +281,24 @@ def _fused_xent_total_fwd(num_valid, vaxis, h, tbl, tgt, start, live, row, seen)
   sum's cotangent is one number, so the gradient is known up to it)."""
 
   def chunk(i, carry):
-    total, rank, d_tbl, d_h = carry
-    hc, tc = h[i], tgt[i]
+    total, rank, *grads = carry
+    tc = tgt[i]
     logits, col, valid, lse, tgt_logit, r = _chunk_stats(
-        num_valid, vaxis, hc, tbl, tc, start, None if seen is None else seen[row[i]])
+        num_valid, vaxis, h[i], tbl, tc, start, None if seen is None else seen[row[i]])
     real = tc != 0
     d_logits = jnp.where(real[:, None], _d_logits(logits, col, valid, lse, tc), 0.0)
     return (total + jnp.where(real, lse - tgt_logit, 0.0).sum(), rank.at[i].set(r),
-            d_tbl + jnp.einsum("cv,cd->vd", d_logits, hc.astype(jnp.float32)),
-            d_h.at[i].set(jnp.einsum("cv,vd->cd", d_logits, tbl.astype(jnp.float32))))
+            *_add_chunk_grads(grads, i, d_logits, h[i], tbl))
 
   init = (_varying(jnp.zeros((), jnp.float32), h, tgt),
-          _varying(jnp.zeros(tgt.shape, jnp.int32), h, tgt),
-          *(_varying(jnp.zeros(x.shape, jnp.float32), h, tbl) for x in (tbl, h)))
+          _varying(jnp.zeros(tgt.shape, jnp.int32), h, tgt), *_zero_grads(h, tbl))
   total, rank, d_tbl, d_h = _chunk_loop(live, tgt.shape[0], chunk, init)
   return (total, rank), (h, tbl, d_h, d_tbl)
 
 
 def _fused_xent_total_bwd(num_valid, vaxis, res, g):
   h, tbl, d_h, d_tbl = res
-  return (_reduce_to(g[0] * d_h, h).astype(h.dtype),
-          _reduce_to(g[0] * d_tbl, tbl).astype(tbl.dtype), None, None, None, None, None)
+  return _cotangents(h, tbl, g[0] * d_h, g[0] * d_tbl)
 
 
 _fused_xent_total.defvjp(_fused_xent_total_fwd, _fused_xent_total_bwd)
