@@ -75,3 +75,15 @@ def step_losses(run, steps: int):
 # Measured across the suite the largest error is about 0.13 of it (gradients in relative
 # norm; losses about 0.01), on 1 to 8 devices and 2 processes.
 LAYOUT_RTOL = numerics.reorder_rtol(384)
+# A model whose gradients are worse conditioned than the reordering bound assumes: HSTU's
+# (its attention output is normalised per head; where a query's few weights nearly cancel,
+# the norm divides by a small spread). Moving every parameter of the tiny 2-block model by an
+# ulp moves its gradients 2.7e-5 in relative norm (the transformer's: 9.7e-7), the 8-block
+# pipeline model's 2.3e-4; layouts moved them up to 2.2x that (5e-6 even for data=8 alone).
+# Such tests measure that sensitivity at the reference and allow 8x it.
+CONDITIONING_FACTOR = 8
+
+
+def conditioned_rtol(sensitivity: float) -> float:
+  """The gradients' tolerance across layouts given their measured ulp sensitivity."""
+  return max(LAYOUT_RTOL, CONDITIONING_FACTOR * sensitivity)

@@ -101,6 +101,24 @@ def check_tree_rel(what: str, actual, desired, rtol: float) -> None:
     check_rel(f"{what} {jax.tree_util.keystr(path)}", a, d, rtol)
 
 
+def ulp_perturbed(tree, seed: int = 0):
+  """Every float32 entry of a pytree of arrays times (1 +- 2 U32: an ulp at 1), random signs:
+  inputs that differ by about a rounding, to measure how far a computation's own
+  conditioning carries one."""
+  import jax
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: (np.asarray(x, np.float32) * (
+      1 + 2 * U32 * rng.choice(np.array([-1.0, 1.0]), np.shape(x)))).astype(np.float32), tree)
+
+
+def max_tree_rel(actual, desired) -> float:
+  """The largest per-leaf relative error in norm of two pytrees of arrays."""
+  import jax
+  return max(float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(d, np.float64))
+                   / np.linalg.norm(np.asarray(d, np.float64)))
+             for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired)))
+
+
 def sum_bound(terms, axis=0):
   """Worst-case error of summing `terms` along `axis` in any order: gamma(n-1) sum|x|."""
   terms = np.asarray(terms, np.float64)

@@ -21,6 +21,7 @@ BAD = [
     ([SMOKE, "--config.train.b2=1.5"], "train.b2=1.5 must be in [0, 1)"),
     ([SMOKE, "--config.dp.outer_momentum=inf"], "dp.outer_momentum=inf must be in [0, 1)"),
     ([SMOKE, "--config.model.dropout_rate=0.001"], "dropout_rate=0.001 rounds to 0"),
+    ([SMOKE, "--config.model.block=mamba"], "model.block='mamba' is unknown; choose one of"),
     ([SMOKE, "--config.mesh.pipe=2", "--config.mesh.data=2", "--config.pipeline.schedule=zigzag"],
      "pipeline.schedule='zigzag' is unknown"),
     ([SMOKE, "--config.mesh.pipe=2", "--config.mesh.data=2", "--config.pipeline.stage_layers=(1,3)"],

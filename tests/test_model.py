@@ -1,3 +1,4 @@
+import collections
 import dataclasses
 import functools
 import math
@@ -31,7 +32,14 @@ def _abstract(config, tensor):
   return mc, abstract, sharding.tree_shardings(abstract, mesh)
 
 
+def hstu_config(**mesh):
+  c = tiny_config(**mesh)
+  c.model.block = "hstu"
+  return c
+
+
 @pytest.mark.parametrize("get_config,tensor", [(tiny_config, 1), (tiny_config, 2),
+                                               (hstu_config, 1), (hstu_config, 4),
                                                (large_1b.get_config, 8)])
 def test_param_arithmetic_matches_init(get_config, tensor):
   """rec_llm/models/arithmetic.py (JAX-free: the simulator's) against the real init: every
@@ -168,9 +176,10 @@ def test_fused_softmax_gradients_match_autodiff(mesh_shape, chunk_rows):
       numerics.check_close(f"{kind} d {name}", np.asarray(g), w, 1e-5 * np.abs(w).max())
 
 
-def test_padding_does_not_leak_into_real_positions():
+@pytest.mark.parametrize("block", ["transformer", "hstu"])
+def test_padding_does_not_leak_into_real_positions(block):
   """Changing what sits under padded inputs changes nothing at real positions."""
-  mc = config_check.model_config(tiny_config(), 300)
+  mc = dataclasses.replace(config_check.model_config(tiny_config(), 300), block=block)
   model = SeqTransformer(mc)
   ids = jnp.array([[0, 0, 0, 5, 7, 9, 11, 3, 4, 8, 2, 6]], jnp.int32)
   params = model.init(jax.random.PRNGKey(0), ids)["params"]
@@ -183,13 +192,15 @@ def test_padding_does_not_leak_into_real_positions():
   params2["item_embedding"] = params["item_embedding"].at[0].set(100.0)
   h2, _ = model.apply({"params": params2}, ids)
   # Exactly: padded inputs are multiplied by 0 and masked keys replaced by -1e30 (whose
-  # exp is exactly 0), so the real positions compute on the very same numbers.
+  # exp is exactly 0; HSTU's weights by 0), so the real positions compute on the very same
+  # numbers.
   np.testing.assert_array_equal(h1[0, 3:], h2[0, 3:])
 
 
-def test_short_window_equals_left_padded_full_window():
+@pytest.mark.parametrize("block", ["transformer", "hstu"])
+def test_short_window_equals_left_padded_full_window(block):
   """Length buckets are exact: positions count back from the latest item."""
-  mc = config_check.model_config(tiny_config(), 300)
+  mc = dataclasses.replace(config_check.model_config(tiny_config(), 300), block=block)
   model = SeqTransformer(mc)
   short = jnp.array([[0, 5, 7, 9, 11], [4, 8, 2, 6, 1]], jnp.int32)
   full = jnp.pad(short, ((0, 0), (mc.max_len - 5, 0)))
@@ -204,13 +215,14 @@ def test_short_window_equals_left_padded_full_window():
   numerics.check_close("last pad", h_short[1, 0], h_full[1, -5], bound(h_full[1, -5]))
 
 
-def test_causal_query_blocks_compute_the_same():
+@pytest.mark.parametrize("block", ["transformer", "hstu"])
+def test_causal_query_blocks_compute_the_same(block):
   """Attention in 2 or 3 query blocks (each scoring only the keys up to its end) gives the
   1-block model's hidden states and gradients at real positions: the skipped scores were
   masked, so only the matmuls' blocking differs (LAYOUT_RTOL: elementwise for the states, as
   in the test above; in relative norm per parameter for the gradients, as between layouts). (A
   padding query sees no valid key; what it averages is unused, and differs.)"""
-  mc = config_check.model_config(tiny_config(), 300)
+  mc = dataclasses.replace(config_check.model_config(tiny_config(), 300), block=block)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, size=(3, mc.max_len)), jnp.int32)
   ids = ids.at[0, :5].set(0)  # left padding
   params = nn_unbox(SeqTransformer(mc).init(jax.random.PRNGKey(0), ids)["params"])
@@ -277,3 +289,26 @@ def test_byte_dropout_drops_its_rounded_rate_and_keeps_the_expectation():
   np.testing.assert_array_equal(Dropout(0.2, deterministic=True).apply({}, x), x)
   np.testing.assert_array_equal(Dropout(0.001, deterministic=False).apply(
       {}, x, rngs={"dropout": jax.random.PRNGKey(0)}), x)  # rounds to 0: nothing dropped
+
+
+@pytest.mark.parametrize("block", ["transformer", "hstu"])
+def test_block_tensor_allreduces_match_the_cost_model(block):
+  """The simulator's per-block tensor all-reduces (cost_model.BLOCK_SHAPES, as multiples of
+  an [n, d] activation) are the compiled step's: one more unrolled block adds exactly them."""
+  from rec_llm.parallel import hlo_stats
+  from rec_llm.sim import cost_model
+
+  def tensor_allreduces(layers):
+    c = tiny_config(data=1, tensor=2)
+    c.model.update(block=block, num_layers=layers, scan_unroll=layers)
+    run = trainer.build(c, jax.devices()[:2])
+    text = run.compile().executables[run.model_cfg.max_len].as_text()
+    return collections.Counter(
+        (x.payload, x.count) for x in hlo_stats.collectives(text, dict(data=1, tensor=2, pipe=1))
+        if x.axes == "tensor" and x.kind == "all-reduce")
+
+  two, three = tensor_allreduces(2), tensor_allreduces(3)
+  act = 16 * 12 * 64 * 4  # rows x seq x d_model x f32 of tiny_config
+  shape = cost_model.BLOCK_SHAPES[block]
+  want = collections.Counter((k * act, 1) for k in shape["fwd_allreduces"] + shape["bwd_allreduces"])
+  assert three - two == want and not two - three

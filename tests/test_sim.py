@@ -34,6 +34,24 @@ def test_model_arithmetic_by_hand():
   assert arithmetic.flops_per_token(DEFAULT, 64) == flops
 
 
+def test_hstu_block_arithmetic_and_costs():
+  """The HSTU block's parameters and FLOPs written out (u, v, q, k and out; one norm; a
+  [heads, max_len] relative bias; no MLP), and the simulator pricing it below a transformer
+  block of the same width: fewer matmuls and, under a tensor split, 2 all-reduces (5 [n, d]
+  payloads) for its 4 (6) (cost_model.BLOCK_SHAPES, checked against the HLO in tests/test_model.py)."""
+  hstu = dataclasses.replace(DEFAULT, block="hstu")
+  d, L, H, S, V = 128, 4, 4, 64, DEFAULT.vocab_size
+  per_block = 5 * d * d + 4 * d + d + 2 * d + H * S
+  assert arithmetic.count_params(hstu) == {"embedding": V * d + S * d, "blocks": L * per_block + 2 * d}
+  assert arithmetic.block_params(hstu, 2) == (5 * d * d + 4 * d + H * S) / 2 + 3 * d
+  assert arithmetic.flops_per_token(hstu, S) == 6.0 * L * 5 * d * d + 6.0 * d * 4097 + 12.0 * L * S * d
+  c, batch, plan = cluster.preset("h100x8"), sim.Batch(64, 64), sim.Plan(data=4, tensor=2)
+  ours, theirs = (sim.simulate(m, batch, c, plan).breakdown for m in (hstu, DEFAULT))
+  assert ours["compute"] < theirs["compute"]
+  assert 0 < ours["tensor_comm"] < theirs["tensor_comm"]
+  assert cm.ModelSpec(**{k: v for k, v in hstu.to_dict().items() if k != "vocab_size"}) == hstu
+
+
 def test_partition_solver_equals_brute_force():
   rng = np.random.default_rng(0)
   for _ in range(120):

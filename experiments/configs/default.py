@@ -21,6 +21,7 @@ def get_config(arg=None):
       dropout_rate=0.0, dtype="float32", remat=False,
       scan_unroll=1,  # blocks per iteration of the scan over layers (num_layers: unrolled)
       causal_blocks=0,  # causal attention's query blocks (0: 2 from length 128 on, else 1)
+      block="transformer",  # or 'hstu': SiLU attention, relative position bias, gate, no MLP
       temperature=0.0))  # > 0: cosine-similarity scores / temperature
   # Used when mesh.pipe > 1: schedule 'gpipe' | '1f1b'; microbatches per data replica;
   # stage_layers: blocks per stage, e.g. (1, 3, 3, 1) (empty: as even as possible);

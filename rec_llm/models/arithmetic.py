@@ -7,7 +7,8 @@ whole or one device's shard under a tensor split; tests/test_model.py checks it 
 `jax.eval_shape` of the init and the parameter shardings.
 
 `m` is a seq_transformer.ModelConfig or a rec_llm.sim.cost_model.ModelSpec: anything with
-num_layers, d_model, num_heads, mlp_dim, max_len, num_items and vocab_size.
+num_layers, d_model, num_heads, mlp_dim, max_len, num_items and vocab_size (and `block`:
+'transformer' if absent).
 """
 
 import math
@@ -24,25 +25,34 @@ TABLE = "item_embedding"
 def param_axes(m) -> dict[str, tuple[tuple[int, str], ...]]:
   """Parameter path ('blocks/query/kernel', ...) -> its dims as (size, logical axis), in
   the order jax.tree flattens the parameter dict."""
-  L, d, f = m.num_layers, m.d_model, m.mlp_dim
+  L, d = m.num_layers, m.d_model
   heads = ((m.num_heads, "heads"), (d // m.num_heads, "head_dim"))
-  emb, mlp = ((d, "embed"),), ((f, "mlp"),)
-  norm = {"bias": emb, "scale": emb}
-  block = {"key": {"kernel": emb + heads},
-           "ln_attn": norm, "ln_mlp": norm,
-           "mlp_in": {"bias": mlp, "kernel": emb + mlp},
-           "mlp_out": {"bias": emb, "kernel": mlp + emb},
-           "out": {"bias": emb, "kernel": heads + emb},
-           "query": {"bias": heads, "kernel": emb + heads},
-           "value": {"bias": heads, "kernel": emb + heads}}
+  emb = ((d, "embed"),)
+  block = _block_axes(m, emb, heads)
   out = {}
   for name in sorted(block):
-    for leaf in sorted(block[name]):
-      out[f"blocks/{name}/{leaf}"] = ((L, "layers"),) + block[name][leaf]
+    leaves = block[name] if isinstance(block[name], dict) else {"": block[name]}
+    for leaf in sorted(leaves):
+      out[f"blocks/{name}" + (f"/{leaf}" if leaf else "")] = ((L, "layers"),) + leaves[leaf]
   out[TABLE] = ((m.vocab_size, "vocab"), (d, "embed"))
   out["ln_final/bias"] = out["ln_final/scale"] = emb
   out["pos_embedding"] = ((m.max_len, "seq"), (d, "embed"))
   return out
+
+
+def _block_axes(m, emb, heads) -> dict:
+  """One block's parameters (module -> leaf -> dims, or a leaf's dims) by `m.block`."""
+  norm = {"bias": emb, "scale": emb}
+  project = {"bias": heads, "kernel": emb + heads}  # embed -> heads x head_dim
+  out = {"kernel": heads + emb, "bias": emb}
+  if getattr(m, "block", "transformer") == "hstu":  # no MLP; a per-head relative position bias
+    return {"gate": project, "key": project, "ln_attn": norm, "out": out, "query": project,
+            "rel_bias": ((m.num_heads, "heads"), (m.max_len, "seq")), "value": project}
+  mlp = ((m.mlp_dim, "mlp"),)
+  return {"key": {"kernel": emb + heads}, "ln_attn": norm, "ln_mlp": norm,
+          "mlp_in": {"bias": mlp, "kernel": emb + mlp},
+          "mlp_out": {"bias": emb, "kernel": mlp + emb},
+          "out": out, "query": project, "value": project}
 
 
 def multiplies(path: str) -> bool:

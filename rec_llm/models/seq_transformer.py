@@ -1,5 +1,9 @@
 """A decoder-only causal transformer over item-id sequences (SASRec / HSTU family).
 
+`model.block` picks the block: 'transformer' (pre-LN softmax attention + GELU MLP, as
+SASRec) or 'hstu' (Zhai et al. 2024, "Actions Speak Louder than Words": pointwise SiLU
+attention with a relative position bias, gated by a projection U, no MLP).
+
 Item ids are 1..num_items; 0 is padding. The model returns the final hidden states and the
 item table, because scores are tied to the item embedding and the (vocab-parallel) softmax
 lives with the loss.
@@ -41,6 +45,7 @@ class ModelConfig:
   # (n - 1) / 2n less attention work (n = 2: a quarter); the same result. 0: 2 from length
   # 128 on, else 1.
   causal_blocks: int = 0
+  block: str = "transformer"  # or 'hstu' (BLOCKS)
 
   @property
   def vocab_size(self) -> int:
@@ -145,6 +150,58 @@ class Block(nn.Module):
     return x, None
 
 
+def _unit_norm(x, eps=1e-6):
+  """Layer norm without parameters over the last axis (HSTU's norm of the attention output)."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, -1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class HSTUBlock(nn.Module):
+  """HSTU: U, V, Q, K = SiLU(x W + b); A = SiLU(Q K^T + rab) / max_len, causal;
+  x + out(Norm(A V) * U). Differences from the reference (generative-recommenders), chosen
+  so that tensor parallelism needs no collective inside the attention: the output norm is
+  per head and the relative position bias is per head (one head, as its ML-1M configs use:
+  the same). Dividing by max_len, not the window's length, keeps a length-bucketed window
+  equal to the same window left-padded. Dropout: on the gated output (the reference's
+  linear dropout), not on the attention weights."""
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, key_valid):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    h = _norm("ln_attn", dt)(x)
+    d, heads = (cfg.d_model,), (cfg.num_heads, cfg.head_dim)
+    u, v, q, k = (constrain(nn.silu(Dense(d, heads, ("embed",), ("heads", "head_dim"), cfg.dtype,
+                                          name=n)(h)), ("batch", "seq", "heads", "head_dim"))
+                  for n in ("gate", "value", "query", "key"))
+    rel = self.param("rel_bias", Logical(nn.initializers.normal(0.02), ("heads", "seq")),
+                     (cfg.num_heads, cfg.max_len))
+    seq = x.shape[1]
+    # rab[h, i, j] = rel[h, i - j] for keys at or before the query (the rest are masked)
+    pos = jnp.arange(seq)
+    rab = rel[:, jnp.clip(pos[:, None] - pos[None, :], 0, cfg.max_len - 1)]
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+    bounds = query_blocks(cfg, seq)
+
+    def attend(lo, hi):  # queries lo..hi-1 see keys 0..hi-1: the rest are masked anyway
+      mask = causal[None, None, lo:hi, :hi] & key_valid[:, None, None, :hi]
+      scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, lo:hi], k[:, :hi],
+                          preferred_element_type=jnp.float32) + rab[None, :, lo:hi, :hi]
+      weights = jnp.where(mask, nn.silu(scores) / cfg.max_len, 0).astype(dt)
+      return jnp.einsum("bhqk,bkhd->bqhd", weights, v[:, :hi])
+
+    att = jnp.concatenate([attend(lo, hi) for lo, hi in zip(bounds, bounds[1:])], axis=1)
+    gated = Dropout(cfg.dropout_rate, self.deterministic)(_unit_norm(att) * u)
+    y = Dense(heads, d, ("heads", "head_dim"), ("embed",), cfg.dtype, name="out")(gated)
+    return constrain(x + y, ("batch", "seq", "embed")), None
+
+
+BLOCKS = {"transformer": Block, "hstu": HSTUBlock}
+
+
 def query_blocks(cfg: ModelConfig, seq: int) -> list[int]:
   """Bounds of the causal attention's query blocks: [0, ..., seq] in cfg.causal_blocks
   (0: 2 from length 128 on, else 1) near-equal parts."""
@@ -183,7 +240,8 @@ class SeqTransformer(nn.Module):
     valid = ids != 0
     x = _lookup(cfg, table, pos, ids)
     x = _mask_padding(cfg, Dropout(cfg.dropout_rate, not train)(x), valid)
-    block = nn.remat(Block) if cfg.remat else Block
+    block = BLOCKS[cfg.block]
+    block = nn.remat(block) if cfg.remat else block
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=nn.broadcast, length=cfg.num_layers, unroll=cfg.scan_unroll,
                     metadata_params={nn.PARTITION_NAME: "layers"})
@@ -212,7 +270,7 @@ def embed(cfg: ModelConfig, params, ids):
 
 def block(cfg: ModelConfig, layer_params, x, ids):
   """One block, given its slice of the stacked params['blocks']."""
-  return Block(cfg, deterministic=True).apply({"params": layer_params}, x, ids != 0)[0]
+  return BLOCKS[cfg.block](cfg, deterministic=True).apply({"params": layer_params}, x, ids != 0)[0]
 
 
 def final_norm(cfg: ModelConfig, params, x):

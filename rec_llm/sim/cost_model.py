@@ -9,9 +9,9 @@ are theirs, imported without JAX (planning needs none). Conventions:
   (this machine) interpolates its measured times instead, and uses the roofline only to
   carry them to other token counts, tensor splits and model sizes.
 - Collective counts and payloads are the ones rec_llm/parallel/hlo_stats.py reads from the
-  compiled HLO (README, 'Pipeline'): per block 2 forward all-reduces of [n, d] and 4 backward
-  (one of them 3x: the q/k/v input gradients), the embedding and head 1 each, the head's
-  softmax statistics 4 x [n] f32.
+  compiled HLO (README, 'Pipeline'): per block those of BLOCK_SHAPES (a transformer block: 2
+  forward all-reduces of [n, d] and 2 backward, one of them 3x: the q/k/v input gradients),
+  the embedding and head 1 each, the head's softmax statistics 4 x [n] f32.
 """
 
 import dataclasses
@@ -43,6 +43,30 @@ OPTIMIZER_BYTES_PER_PARAM = 32
 SCORE_BYTES = {"xla": (24, 12), "fused_softmax": (13, 5), "flash": (0, 0)}
 
 
+# One block's shape by seq_transformer.BLOCKS name, per token (h: the attention width
+# d_model, f: mlp_dim, d: d_model):
+# - matmuls: d x h and d x f weight matrices (transformer: q, k, v, out and the MLP's two;
+#   HSTU: u, v, q, k and out, no MLP);
+# - passes: h-, f- and d-wide activations written or read by element-wise work (transformer:
+#   q, k, v, attention; the MLP's input, GELU, output; 2 norms and 2 residuals ~ 12 d. HSTU:
+#   u, v, q, k before and after SiLU, the attention, its norm, the gate; 1 norm, 1 residual);
+# - kept: widths kept for the backward (transformer: 2 norms' inputs / outputs and residuals
+#   8 d, q, k, v, attention 4 h, the MLP's 3 f; HSTU: 4 d, 11 h);
+# - ops: element-wise kernels launched;
+# - tensor all-reduces of [n, d] (as multiples of it) inside a forward and a backward under
+#   Megatron's split, as the compiled HLO has them (tests/test_model.py counts them):
+#   transformer: out and mlp_out (forward); the MLP's and the q/k/v input gradients, the
+#   latter one 3x all-reduce. HSTU: out; the u/v/q/k input gradients as one 4x.
+BLOCK_SHAPES = {
+    "transformer": dict(h_matmuls=4, f_matmuls=2, h_passes=4, f_passes=4, d_passes=12,
+                        h_kept=4, f_kept=3, d_kept=8, ops=15,
+                        fwd_allreduces=(1, 1), bwd_allreduces=(1, 3)),
+    "hstu": dict(h_matmuls=5, f_matmuls=0, h_passes=11, f_passes=0, d_passes=6,
+                 h_kept=11, f_kept=0, d_kept=4, ops=10,
+                 fwd_allreduces=(1,), bwd_allreduces=(4,)),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   num_layers: int
@@ -58,6 +82,7 @@ class ModelSpec:
   # positions at a time: vocab_parallel.chunking) or 'whole' (every position's at once, as
   # Megatron-LM's vocab-parallel cross-entropy holds them).
   head: str = "chunked"
+  block: str = "transformer"  # seq_transformer.BLOCKS: 'transformer' or 'hstu'
   # The head's loss: 0 a full softmax over the table; N > 0 a sampled softmax scoring N
   # negatives and the target per position (train.loss 'sampled'): the table stays whole
   # (parameters, gradient, optimizer state), only the head's scoring shrinks.
@@ -85,7 +110,7 @@ class ModelSpec:
     spec = cls(num_layers=int(m.num_layers), d_model=int(m.d_model), num_heads=int(m.num_heads),
                mlp_dim=int(m.mlp_dim), max_len=int(m.max_len), num_items=int(num_items),
                vocab_multiple=int(m.vocab_multiple), dtype=str(m.dtype),
-               negatives=_negatives(config))
+               negatives=_negatives(config), block=str(m.get("block", "transformer")))
     for k in ("num_layers", "d_model", "num_heads", "mlp_dim", "max_len"):
       if getattr(spec, k) <= 0:
         raise ConfigError(f"model.{k}={getattr(spec, k)} must be positive")
@@ -97,6 +122,8 @@ class ModelSpec:
     out = {**dataclasses.asdict(self), "vocab_size": self.vocab_size}
     if not self.negatives:  # full softmax: the dict as before the field existed
       del out["negatives"]
+    if self.block == "transformer":  # likewise
+      del out["block"]
     return out
 
 
@@ -138,9 +165,10 @@ def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int, sp: bool = False)
     return dict(flops=core_flops / t, split=core_bytes / t, rep=0.0, dense=0.0, ops=0)
   if comp in ("block_fwd", "block_bwd"):
     k = 1 if comp == "block_fwd" else 2  # backward: twice the forward's matmuls and passes
-    return dict(flops=k * (2 * (4 * d * h + 2 * d * f) + core_flops) / t,
-                split=k * (e * (4 * h + 4 * f) + core_bytes) / t,
-                rep=k * e * 12 * d / (t if sp else 1), dense=0.0, ops=15 * k)
+    b = BLOCK_SHAPES[m.block]
+    return dict(flops=k * (2 * (b["h_matmuls"] * d * h + b["f_matmuls"] * d * f) + core_flops) / t,
+                split=k * (e * (b["h_passes"] * h + b["f_passes"] * f) + core_bytes) / t,
+                rep=k * e * b["d_passes"] * d / (t if sp else 1), dense=0.0, ops=b["ops"] * k)
   if comp == "embed":
     # vocab-parallel gather + psum, scale, positions, mask; backward scatter-adds into a
     # dense zero table shard (written and accumulated once per call)
@@ -257,7 +285,8 @@ def block_activation_bytes(m: ModelSpec, t: int, sp: bool = False,
   before and after GELU, and unless `scores` is False (selective recomputation), the scores
   and probabilities [heads/t, seq] (SCORE_BYTES: f32 scores and probabilities in rec_llm)."""
   d, f, h, H, e = m.d_model, m.mlp_dim, m.d_model, m.num_heads, m.act_bytes
-  return (e * (8 * d / (t if sp else 1) + 4 * h / t + 3 * f / t)
+  b = BLOCK_SHAPES[m.block]
+  return (e * (b["d_kept"] * d / (t if sp else 1) + b["h_kept"] * h / t + b["f_kept"] * f / t)
           + scores * SCORE_BYTES[m.attention][1] * H * m.max_len / t)
 
 

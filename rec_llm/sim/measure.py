@@ -97,7 +97,7 @@ def memory_bandwidth_all(devices=None, mib: int = 16, repeats: int = 7) -> float
 
 def _model_cfg(model: dict) -> st.ModelConfig:
   keys = ("num_items", "num_layers", "d_model", "num_heads", "mlp_dim", "max_len",
-          "vocab_multiple", "dtype")
+          "vocab_multiple", "dtype", "block")
   return st.ModelConfig(**{k: model[k] for k in keys if k in model})
 
 
@@ -160,7 +160,7 @@ def shard_config(cfg: st.ModelConfig, t: int) -> st.ModelConfig:
   return _ShardConfig(num_items=cfg.vocab_size // t - 1, num_layers=cfg.num_layers,
                       d_model=cfg.d_model, num_heads=cfg.num_heads // t, mlp_dim=cfg.mlp_dim // t,
                       max_len=cfg.max_len, vocab_multiple=1, dtype=cfg.dtype,
-                      shard_head_dim=cfg.head_dim)
+                      block=cfg.block, shard_head_dim=cfg.head_dim)
 
 
 def _tables(seq_len: int, rest_block: dict, embed_share: float) -> dict:
@@ -248,6 +248,8 @@ def components(model: dict, rows=(1, 4, 16, 64), depths=(1, 4), tensors=None, de
   out = {"tables": tables,
          "model": {k: getattr(cfg, k) for k in ("num_items", "num_layers", "d_model", "num_heads",
                                                  "mlp_dim", "max_len", "vocab_multiple", "dtype")}}
+  if cfg.block != "transformer":  # (calibrations from before the field: transformer blocks)
+    out["model"]["block"] = cfg.block
   return out
 
 

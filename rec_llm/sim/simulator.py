@@ -251,8 +251,10 @@ def stage_costs(m: cm.ModelSpec, batch: Batch, c: Cluster, plan: Plan, sizes) ->
     # one, longer the more work came before it, i.e. the more activation bytes it carries
     # (fitted, calibrate.py).
     ar = lambda b: collective_time(c, "all-reduce", b, t, lvl) + c.tp_sync_s_per_byte * b
-    tp_fwd = L * 2 * ar(act)
-    tp_bwd = L * (ar(act) + ar(3 * act) + (2 * ar(act) if plan.remat else 0.0))
+    shape = cm.BLOCK_SHAPES[m.block]
+    fwd_ar = sum(ar(k * act) for k in shape["fwd_allreduces"])
+    tp_fwd = L * fwd_ar
+    tp_bwd = L * (sum(ar(k * act) for k in shape["bwd_allreduces"]) + (fwd_ar if plan.remat else 0.0))
     tp_fwd[0] += ar(act) / v                        # embedding lookup psum
     tp_bwd[-1] += (ar(act) + 4 * ar(4 * rows * batch.seq_len)) / v  # head: dh, softmax statistics
   tick_extra, p2p = 0.0, 0.0

@@ -8,6 +8,7 @@ from ml_collections import ConfigDict
 
 from rec_llm.data import sources
 from rec_llm.errors import ConfigError
+from rec_llm.models import seq_transformer
 from rec_llm.models.seq_transformer import ModelConfig
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import collectives, compression, sampled_softmax, schedules, sharding
@@ -110,7 +111,7 @@ def model_config(config: ConfigDict, num_items: int) -> ModelConfig:
       num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len,
       vocab_multiple=m.vocab_multiple, dropout_rate=m.dropout_rate, dtype=m.dtype,
       remat=m.remat, temperature=float(m.temperature), scan_unroll=int(m.scan_unroll),
-      causal_blocks=int(m.causal_blocks))
+      causal_blocks=int(m.causal_blocks), block=str(m.get("block", "transformer")))
 
 
 def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -140,6 +141,9 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
   if config.train.batch_size % data:
     raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by "
                       f"mesh.data={data}; each data replica needs the same number of rows")
+  if m.get("block", "transformer") not in seq_transformer.BLOCKS:
+    raise ConfigError(f"model.block={m.block!r} is unknown; choose one of "
+                      f"{list(seq_transformer.BLOCKS)}")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
   check_pipeline(config, data, pipe)
