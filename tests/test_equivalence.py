@@ -63,8 +63,6 @@ def _assert_same(got, ref, grad_rtol=LAYOUT_RTOL):
   numerics.check_tree_rel("gradient", grads, ref_grads, grad_rtol)
 
 
-
-
 @pytest.mark.parametrize("data,tensor", LAYOUTS)
 def test_layout_matches_single_device(reference, data, tensor):
   _assert_same(_trace(_config(data, tensor, 0.0), jax.devices()), reference[0.0])

@@ -111,6 +111,11 @@ def count_params(m) -> dict[str, int]:
   return {"embedding": embedding, "blocks": _numel(shapes) - embedding}
 
 
+def block_matmul_params(m) -> int:
+  """The weights of one block's matmuls (its kernels), whole: 2 FLOPs each per token."""
+  return _numel(param_shapes(m, layers=1), "blocks/", "kernel")
+
+
 def flops_per_token(m, seq_len: int, negatives: int = 0) -> float:
   """Training FLOPs per token (forward + backward = 3x forward, multiply-add = 2 FLOPs).
 
@@ -119,6 +124,6 @@ def flops_per_token(m, seq_len: int, negatives: int = 0) -> float:
   (attention scores and weighted values, counted over the full S x S square as in PaLM).
   The embedding gather, norms and softmax are not counted.
   """
-  matmul = _numel(param_shapes(m), "blocks/", "kernel")
+  matmul = m.num_layers * block_matmul_params(m)
   scored = negatives + 1 if negatives else m.num_items + 1
   return 6.0 * matmul + 6.0 * m.d_model * scored + 12.0 * m.num_layers * seq_len * m.d_model

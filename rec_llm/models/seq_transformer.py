@@ -126,19 +126,12 @@ class Block(nn.Module):
     q, k, v = (constrain(Dense(d, heads, ("embed",), ("heads", "head_dim"), cfg.dtype,
                                use_bias=(n != "key"), name=n)(h),
                          ("batch", "seq", "heads", "head_dim")) for n in ("query", "key", "value"))
-    seq = x.shape[1]
-    causal = jnp.tril(jnp.ones((seq, seq), bool))
-    bounds = query_blocks(cfg, seq)
 
-    def attend(lo, hi):  # queries lo..hi-1 see keys 0..hi-1: the rest are masked anyway
-      mask = causal[None, None, lo:hi, :hi] & key_valid[:, None, None, :hi]
-      scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, lo:hi], k[:, :hi],
-                          preferred_element_type=jnp.float32)
+    def weigh(scores, mask, lo, hi):
       scores = jnp.where(mask, scores / math.sqrt(cfg.head_dim), -1e30)
-      probs = drop(jax.nn.softmax(scores, axis=-1).astype(dt))
-      return jnp.einsum("bhqk,bkhd->bqhd", probs, v[:, :hi])
+      return drop(jax.nn.softmax(scores, axis=-1).astype(dt))
 
-    att = jnp.concatenate([attend(lo, hi) for lo, hi in zip(bounds, bounds[1:])], axis=1)
+    att = causal_attention(cfg, q, k, v, key_valid, weigh)
     att = Dense(heads, d, ("heads", "head_dim"), ("embed",), cfg.dtype, name="out")(att)
     x = constrain(x + drop(att), ("batch", "seq", "embed"))
     h = _norm("ln_mlp", dt)(x)
@@ -179,27 +172,39 @@ class HSTUBlock(nn.Module):
                   for n in ("gate", "value", "query", "key"))
     rel = self.param("rel_bias", Logical(nn.initializers.normal(0.02), ("heads", "seq")),
                      (cfg.num_heads, cfg.max_len))
-    seq = x.shape[1]
     # rab[h, i, j] = rel[h, i - j] for keys at or before the query (the rest are masked)
-    pos = jnp.arange(seq)
+    pos = jnp.arange(x.shape[1])
     rab = rel[:, jnp.clip(pos[:, None] - pos[None, :], 0, cfg.max_len - 1)]
-    causal = jnp.tril(jnp.ones((seq, seq), bool))
-    bounds = query_blocks(cfg, seq)
 
-    def attend(lo, hi):  # queries lo..hi-1 see keys 0..hi-1: the rest are masked anyway
-      mask = causal[None, None, lo:hi, :hi] & key_valid[:, None, None, :hi]
-      scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, lo:hi], k[:, :hi],
-                          preferred_element_type=jnp.float32) + rab[None, :, lo:hi, :hi]
-      weights = jnp.where(mask, nn.silu(scores) / cfg.max_len, 0).astype(dt)
-      return jnp.einsum("bhqk,bkhd->bqhd", weights, v[:, :hi])
+    def weigh(scores, mask, lo, hi):
+      scores = scores + rab[None, :, lo:hi, :hi]
+      return jnp.where(mask, nn.silu(scores) / cfg.max_len, 0).astype(dt)
 
-    att = jnp.concatenate([attend(lo, hi) for lo, hi in zip(bounds, bounds[1:])], axis=1)
+    att = causal_attention(cfg, q, k, v, key_valid, weigh)
     gated = Dropout(cfg.dropout_rate, self.deterministic)(_unit_norm(att) * u)
     y = Dense(heads, d, ("heads", "head_dim"), ("embed",), cfg.dtype, name="out")(gated)
     return constrain(x + y, ("batch", "seq", "embed")), None
 
 
 BLOCKS = {"transformer": Block, "hstu": HSTUBlock}
+
+
+def causal_attention(cfg: ModelConfig, q, k, v, key_valid, weigh):
+  """sum_k weigh(q . k) v over the causal, key-valid keys, in query blocks (query_blocks):
+  queries lo..hi-1 score only keys 0..hi-1, the rest being masked anyway. `weigh(scores,
+  mask, lo, hi)` turns a block's f32 scores [batch, heads, hi - lo, hi] and its mask into
+  weights in v's dtype (softmax or HSTU's SiLU)."""
+  seq = q.shape[1]
+  causal = jnp.tril(jnp.ones((seq, seq), bool))
+  bounds = query_blocks(cfg, seq)
+
+  def attend(lo, hi):
+    mask = causal[None, None, lo:hi, :hi] & key_valid[:, None, None, :hi]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, lo:hi], k[:, :hi],
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("bhqk,bkhd->bqhd", weigh(scores, mask, lo, hi), v[:, :hi])
+
+  return jnp.concatenate([attend(lo, hi) for lo, hi in zip(bounds, bounds[1:])], axis=1)
 
 
 def query_blocks(cfg: ModelConfig, seq: int) -> list[int]:

@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from rec_llm.errors import ConfigError
+from rec_llm.models import arithmetic
 from rec_llm.parallel import payload, vocab_parallel
 from rec_llm.sim import cluster as cluster_lib
 
@@ -45,8 +46,8 @@ SCORE_BYTES = {"xla": (24, 12), "fused_softmax": (13, 5), "flash": (0, 0)}
 
 # One block's shape by seq_transformer.BLOCKS name, per token (h: the attention width
 # d_model, f: mlp_dim, d: d_model):
-# - matmuls: d x h and d x f weight matrices (transformer: q, k, v, out and the MLP's two;
-#   HSTU: u, v, q, k and out, no MLP);
+# (The matmuls' FLOPs come from the block's kernels, arithmetic.block_matmul_params:
+# transformer q, k, v, out and the MLP's two; HSTU u, v, q, k and out, no MLP.)
 # - passes: h-, f- and d-wide activations written or read by element-wise work (transformer:
 #   q, k, v, attention; the MLP's input, GELU, output; 2 norms and 2 residuals ~ 12 d. HSTU:
 #   u, v, q, k before and after SiLU, the attention, its norm, the gate; 1 norm, 1 residual);
@@ -58,10 +59,10 @@ SCORE_BYTES = {"xla": (24, 12), "fused_softmax": (13, 5), "flash": (0, 0)}
 #   transformer: out and mlp_out (forward); the MLP's and the q/k/v input gradients, the
 #   latter one 3x all-reduce. HSTU: out; the u/v/q/k input gradients as one 4x.
 BLOCK_SHAPES = {
-    "transformer": dict(h_matmuls=4, f_matmuls=2, h_passes=4, f_passes=4, d_passes=12,
+    "transformer": dict(h_passes=4, f_passes=4, d_passes=12,
                         h_kept=4, f_kept=3, d_kept=8, ops=15,
                         fwd_allreduces=(1, 1), bwd_allreduces=(1, 3)),
-    "hstu": dict(h_matmuls=5, f_matmuls=0, h_passes=11, f_passes=0, d_passes=6,
+    "hstu": dict(h_passes=11, f_passes=0, d_passes=6,
                  h_kept=11, f_kept=0, d_kept=4, ops=10,
                  fwd_allreduces=(1,), bwd_allreduces=(4,)),
 }
@@ -166,7 +167,7 @@ def _roofline_parts(m: ModelSpec, comp: str, seq: int, t: int, sp: bool = False)
   if comp in ("block_fwd", "block_bwd"):
     k = 1 if comp == "block_fwd" else 2  # backward: twice the forward's matmuls and passes
     b = BLOCK_SHAPES[m.block]
-    return dict(flops=k * (2 * (b["h_matmuls"] * d * h + b["f_matmuls"] * d * f) + core_flops) / t,
+    return dict(flops=k * (2 * arithmetic.block_matmul_params(m) + core_flops) / t,
                 split=k * (e * (b["h_passes"] * h + b["f_passes"] * f) + core_bytes) / t,
                 rep=k * e * b["d_passes"] * d / (t if sp else 1), dense=0.0, ops=b["ops"] * k)
   if comp == "embed":
