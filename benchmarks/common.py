@@ -8,7 +8,8 @@ import jax
 import numpy as np
 
 from experiments import provenance as provenance_lib
-from rec_llm.parallel import mesh as mesh_lib
+from rec_llm.parallel import compression, hlo_stats, mesh as mesh_lib, sharding
+from rec_llm.train import trainer
 
 ROOT = provenance_lib.ROOT
 provenance = provenance_lib.provenance  # command, git commit, jax version, device kind, ...
@@ -60,3 +61,24 @@ def time_steps(run, steps: int, repeats: int) -> dict:
     windows.append((time.perf_counter() - t) / len(batches))
   return {"step": step, "compile_s": compile_s, "step_time_s": float(np.median(windows)),
           "windows_s": windows, "last_metrics": m}
+
+
+def dp_bytes(config) -> dict:
+  """HLO-measured and analytic data-parallel bytes per device per step (widest program)."""
+  run = trainer.build(config)
+  width = max(run.batches.widths)
+  with sharding.activate(run.mesh):
+    text = run.train_step.lower(run.state, run.batches.spec(width)).compile().as_text()
+  wire = hlo_stats.collective_bytes(text, dict(run.mesh.shape))["wire_by_axis"]
+  measured = sum(b for axes, b in wire.items() if "data" in axes.split("+"))
+  dp = config.dp
+  local = jax.tree.map(lambda a: a.sharding.shard_shape(a.shape), run.abstract_state.params)
+  shapes = jax.tree.leaves(local, is_leaf=lambda x: isinstance(x, tuple))
+  n = run.mesh.shape["data"]
+  kw = dict(replicas=n, aggregator=dp.aggregator, ratio=dp.compression.ratio,
+            bits=dp.compression.bits, rank=dp.compression.rank, group=dp.group)
+  analytic = compression.payload_bytes(dp.compression.kind, shapes, **kw)
+  every = dp.local_steps if dp.mode == "local_sgd" else 1
+  return {"dp_bytes_hlo": measured / every, "dp_bytes_analytic": analytic / every,
+          "tensor_bytes_hlo": sum(b for a, b in wire.items() if "data" not in a.split("+")),
+          "sync_every": every}

@@ -24,12 +24,10 @@ import json
 import statistics
 import time
 
-import jax
 from absl import app, flags, logging
 
 from benchmarks import common
 from experiments.configs import ml1m_sasrec
-from rec_llm.parallel import compression, hlo_stats, sharding
 from rec_llm.train import trainer
 
 POINTS = {  # name: dp overrides
@@ -80,33 +78,12 @@ def point_config(name: str, data: str, steps: int, max_len: int):
   return c
 
 
-def dp_bytes(config) -> dict:
-  """HLO-measured and analytic data-parallel bytes per device per step (widest program)."""
-  run = trainer.build(config)
-  width = max(run.batches.widths)
-  with sharding.activate(run.mesh):
-    text = run.train_step.lower(run.state, run.batches.spec(width)).compile().as_text()
-  wire = hlo_stats.collective_bytes(text, dict(run.mesh.shape))["wire_by_axis"]
-  measured = sum(b for axes, b in wire.items() if "data" in axes.split("+"))
-  dp = config.dp
-  local = jax.tree.map(lambda a: a.sharding.shard_shape(a.shape), run.abstract_state.params)
-  shapes = jax.tree.leaves(local, is_leaf=lambda x: isinstance(x, tuple))
-  n = run.mesh.shape["data"]
-  kw = dict(replicas=n, aggregator=dp.aggregator, ratio=dp.compression.ratio,
-            bits=dp.compression.bits, rank=dp.compression.rank, group=dp.group)
-  analytic = compression.payload_bytes(dp.compression.kind, shapes, **kw)
-  every = dp.local_steps if dp.mode == "local_sgd" else 1
-  return {"dp_bytes_hlo": measured / every, "dp_bytes_analytic": analytic / every,
-          "tensor_bytes_hlo": sum(b for a, b in wire.items() if "data" not in a.split("+")),
-          "sync_every": every}
-
-
 def run_point(name: str) -> dict:
   config = point_config(name, _DATA.value, _STEPS.value, _MAX_LEN.value)
   out = {"point": name, "dp": config.dp.to_dict(), "steps": _STEPS.value,
          "batch_size": _BATCH.value, "learning_rate": config.train.learning_rate,
          "seed": _SEED.value,
-         "max_len": _MAX_LEN.value, **dp_bytes(config)}
+         "max_len": _MAX_LEN.value, **common.dp_bytes(config)}
   t = time.perf_counter()
   history = trainer.train(config, None)
   out["wall_s"] = time.perf_counter() - t

@@ -12,7 +12,8 @@ Rough wall times on the 2-core CPU machine: step_time and pipeline a few minutes
 sim_calibration tens of minutes (microbenchmarks, 10 plans, 2-process runs); compression
 about 5 minutes per point, 9 points (needs ML-1M: --extra=compression:--data=PATH);
 numerics_shakeout about 4 minutes per XLA setting, 6 settings; published about 2 minutes
-(arithmetic only); adaptive_balance about 6 minutes. gpu_1b
+(arithmetic only); adaptive_balance about 6 minutes; dp_methods about 5 minutes per run,
+13 points x 3 seeds (needs ML-1M: --extra=dp_methods:--data=PATH). gpu_1b
 needs a GPU (under 8 minutes on one H100): without one it is skipped unless named in --only.
 """
 
@@ -35,6 +36,7 @@ BENCHMARKS = {
     "numerics_shakeout": ("benchmarks.numerics_shakeout", [], False),
     "published": ("benchmarks.published", [], False),
     "adaptive_balance": ("benchmarks.adaptive_balance", [], False),
+    "dp_methods": ("benchmarks.dp_methods", [], False),
 }
 
 _ONLY = flags.DEFINE_list("only", None, f"Run only these, in this order ({', '.join(BENCHMARKS)}).")

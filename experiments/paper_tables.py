@@ -31,7 +31,10 @@ _RESULTS = flags.DEFINE_list("results", None, "Sweep workdirs (or results.jsonl 
 _OUT = flags.DEFINE_string("out", None, "Markdown file to write.")
 _COMPRESSION = flags.DEFINE_string("compression", "benchmarks/results/compression.json",
                                    "The compression benchmark's JSON (tables c and d).")
+_DP_METHODS = flags.DEFINE_string("dp_methods", "benchmarks/results/dp_methods.json",
+                                  "benchmarks.dp_methods' JSON: every DP method at a full run.")
 CLAIM_THROUGHPUT, CLAIM_MFU = 1.30, 1.20
+KEEP = 0.97  # the share of dense NDCG@10 a method must keep (full-run table)
 STRATEGY = {"dp": "pure DP", "tp": "pure TP", "pp": "pure PP", "hybrid": "hybrid (planner)",
             "best": "planner's best"}
 SINGLE = ("dp", "tp", "pp")
@@ -450,6 +453,37 @@ def compression_section(comp, note) -> str:
                  "HR@10", "NDCG@10 / dense", "Pareto", "source"], body))
 
 
+def full_runs_section(path: str) -> str:
+  """Every data-parallel method at a full run, over seeds (benchmarks/dp_methods.py)."""
+  full = path if os.path.exists(path) else os.path.join(ROOT, path)
+  if not os.path.exists(full):
+    return (f"`{path}` is missing: it is written by `python -m benchmarks.dp_methods "
+            "--data=PATH/ml-1m.txt` (about 5 minutes per run on the 2-core machine).")
+  try:
+    with open(full) as f:
+      d = json.load(f)
+    summary, runs = d["summary"], d["runs"]
+  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    _fail(f"cannot read the DP methods results {path!r}: {e}")
+  commits = sorted({str(r.get("git_commit", "?"))[:10] for r in runs})
+  body = []
+  for r in summary:
+    f = lambda k, spec: None if r.get(k) is None else format(r[k], spec)
+    keeps = r.get("ndcg10_vs_dense")
+    body.append([r["point"], r["what"], f("dp_bytes_hlo", ",.0f"), f("compression_ratio", ".1f"),
+                 f("syncs_per_epoch", ".1f"), len(r["seeds"]),
+                 f"{r['mean_test/ndcg@10']:.4f} ± {r['std_test/ndcg@10']:.4f}",
+                 f("mean_test/hr@10", ".4f"), f("ndcg10_vs_dense", ".3f"), f("hr10_vs_dense", ".3f"),
+                 None if keeps is None else ("yes" if keeps >= KEEP else "no")])
+  return (f"Full runs: `{d['provenance'].get('command', '?')}` and the runs it merged (git "
+          f"{', '.join(commits)}), {d.get('mesh', '?')}, experiments/configs/ml1m_fast.py "
+          f"(AdamW inner optimizer), {d.get('protocol', '?')}. DP bytes: per device per step "
+          "(HLO; local SGD's sync divided by H); ratio: dense bytes / these bytes; NDCG@10: "
+          f"mean ± std over the seeds; keeps: mean NDCG@10 >= {KEEP:.0%} of dense's.\n\n" +
+          table(["point", "what", "DP bytes/step", "ratio", "syncs/epoch", "seeds",
+                 "NDCG@10", "HR@10", "NDCG@10 / dense", "HR@10 / dense", "keeps"], body))
+
+
 def dp_modes_section(rows, comp, note) -> str:
   rs = [r for r in rows if r["group"] == "dp_modes"]
   out = []
@@ -587,8 +621,11 @@ def render(rows, comp, note, sources: list[str]) -> str:
   out += ["## (b) Scaling from 8 to 512 devices", "", scaling_section(rows), "",
           "## (c) Compression: bytes on the wire vs NDCG@10 (ML-1M, measured)", "",
           compression_section(comp, note), "",
+          "### Every data-parallel method at a full run (ML-1M, over seeds)", "",
+          full_runs_section(_DP_METHODS.value), "",
           "## (d) Synchronous vs asynchronous data parallelism", "",
-          dp_modes_section(rows, comp, note), ""]
+          dp_modes_section(rows, comp, note), "",
+          "At full runs: the stale and local rows of the full-run table in (c).", ""]
   meas = measured_section(rows)
   if meas:
     out += ["## (e) Measured sweep points", "", meas, ""]

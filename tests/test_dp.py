@@ -4,7 +4,9 @@ compressors train, and bad settings give clear errors.
 Tolerance `LAYOUT_RTOL` (tests/helpers.py), data=4 x tensor=2: 'stale' with tau = 0 and the
 hierarchical aggregator compute the synchronous losses (only the order of the data-parallel
 sum differs); 'local_sgd' with H = 1 (inner SGD, outer SGD with lr 1 and no momentum: the
-mean of the replicas' steps) equals synchronous SGD up to the same reordering.
+mean of the replicas' steps) equals synchronous SGD up to the same reordering; with
+dp.compression.precondition='adam' and no compression, the step applies the mean of the
+replicas' own AdamW directions, which is local SGD with H = 1 and inner AdamW (same tolerance).
 """
 
 import jax
@@ -26,11 +28,11 @@ def _config(**dp):
   c = tiny_config(data=4, tensor=2)
   c.train.warmup_steps = 0
   for k, v in dp.items():
-    if k in ("optimizer", "grad_clip"):
+    if k in ("optimizer", "grad_clip", "weight_decay"):
       c.train[k] = v
     elif k == "inject_nonfinite_steps":
       c.train.inject_nonfinite.gradients = v
-    elif k in ("kind", "ratio", "bits", "rank", "momentum"):
+    elif k in ("kind", "ratio", "bits", "rank", "momentum", "precondition"):
       c.dp.compression[k] = v
     else:
       c.dp[k] = v
@@ -92,10 +94,26 @@ def test_stale_skips_nonfinite_step_and_keeps_state(sync):
   assert all(np.isfinite(x).all() for x in leaves)
 
 
-def test_topk_with_error_feedback_trains(sync):
-  losses, state = _losses(_config(kind="topk", ratio=0.05, aggregator="sparse"), steps=6)
+def test_adam_precondition_is_the_mean_of_local_adamw_steps():
+  kw = dict(grad_clip=0.0, weight_decay=0.1)
+  got, state = _losses(_config(precondition="adam", **kw), steps=4)
+  assert state.dp is not None
+  ref, _ = _losses(_config(mode="local_sgd", local_steps=1, outer_lr=1.0, outer_momentum=0.0,
+                           **kw), steps=4)
+  numerics.check_close("losses", got, ref, LAYOUT_RTOL * np.abs(ref))
+  # ... which is not AdamW on the mean gradient (the replicas' moments differ): the test
+  # can tell the two apart.
+  sync, _ = _losses(_config(**kw), steps=4)
+  assert (np.abs(got[1:] - sync[1:]) > 10 * LAYOUT_RTOL * sync[1:]).all(), (got, sync)
+
+
+@pytest.mark.parametrize("precondition", ["none", "adam"])
+def test_topk_with_error_feedback_trains(sync, precondition):
+  losses, state = _losses(_config(kind="topk", ratio=0.05, aggregator="sparse",
+                                  precondition=precondition), steps=6)
   assert losses[-1] < losses[0] - 0.05, losses
-  residual = jax.tree.leaves(jax.device_get(state.dp["comp"].residual))
+  comp = state.dp["comp"]
+  residual = jax.tree.leaves(jax.device_get((comp[-1] if precondition == "adam" else comp).residual))
   assert any(np.abs(r).max() > 0 for r in residual)  # what top-k held back is fed back later
 
 
@@ -110,6 +128,9 @@ BAD = [
     (dict(mode="async"), "dp.mode='async' is unknown"),
     (dict(aggregator="hierarchical", group=3), "dp.group=3 must divide mesh.data=4"),
     (dict(kind="topk", aggregator="ring"), "use dp.aggregator='sparse'"),
+    (dict(precondition="lamb"), "dp.compression.precondition='lamb' is unknown"),
+    (dict(precondition="adam", optimizer="sgd"), "needs train.optimizer='adamw'"),
+    (dict(precondition="adam", mode="local_sgd", local_steps=4), "needs train.optimizer='adamw'"),
 ]
 
 

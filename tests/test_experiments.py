@@ -51,6 +51,22 @@ COMPRESSION = {"provenance": {"command": "python -m benchmarks.compression (synt
                                    ("stale2", 985368, 0.0570), ("local8", 123171, 0.0550)]]}
 
 
+# benchmarks.dp_methods' summary of synthetic runs (its flags stay out of this process).
+DP_METHODS = """
+import json, sys
+from benchmarks.dp_methods import summarise
+runs = [dict(point=p, seed=s, steps_per_epoch=47, **{"test/ndcg@10": q, "test/hr@10": 2 * q,
+             "test/hr@50": 0.5, "test/hr@200": 0.7})
+        for p, s, q in [("dense", 0, 0.16), ("dense", 1, 0.18), ("local8", 0, 0.17),
+                        ("topk0.1_adam", 0, 0.10)]]
+bytes_ = {"dense": dict(dp_bytes_hlo=1000.0, sync_every=1),
+          "local8": dict(dp_bytes_hlo=125.0, sync_every=8),
+          "topk0.1_adam": dict(dp_bytes_hlo=4.0, sync_every=1)}
+json.dump({"provenance": {"command": "synthetic"}, "mesh": "data=4", "protocol": "test",
+           "summary": summarise(runs, bytes_), "runs": runs}, open(sys.argv[1], "w"))
+"""
+
+
 def cli(module, *args, env=None, timeout=120):
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=timeout, env={**os.environ, **(env or {})})
@@ -142,9 +158,21 @@ def test_measured_sweep_in_process_and_rerun_skips(tmp_path):
 def test_paper_tables_all_four(sim_results, tmp_path):
   workdir, comp, _ = sim_results
   out = tmp_path / "tables.md"
-  p = cli("experiments.paper_tables", f"--results={workdir}", f"--out={out}", f"--compression={comp}")
+  dpm = tmp_path / "dp_methods.json"
+  p = subprocess.run([sys.executable, "-c", DP_METHODS, str(dpm)], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-3000:]
+  p = cli("experiments.paper_tables", f"--results={workdir}", f"--out={out}",
+          f"--compression={comp}", f"--dp_methods={dpm}")
   assert p.returncode == 0, p.stderr[-3000:]
   text = out.read_text()
+  # the full-run table: means over seeds, ratios to dense's mean, syncs per epoch
+  full = next(t for t in tables(text) if "syncs/epoch" in t[0])
+  by = {r[0]: dict(zip(full[0], r)) for r in full[1:]}
+  assert by["dense"]["NDCG@10"] == "0.1700 ± 0.0100" and by["dense"]["seeds"] == "2"
+  assert by["local8"]["ratio"] == "8.0" and by["local8"]["syncs/epoch"] == "5.9"
+  assert by["local8"]["NDCG@10 / dense"] == "1.000" and by["local8"]["keeps"] == "yes"
+  assert by["topk0.1_adam"]["ratio"] == "250.0" and by["topk0.1_adam"]["keeps"] == "no"
   for head in ("## (a)", "## (b)", "## (c)", "## (d)"):
     assert head in text
   assert "Without compression: hybrid" in text and "throughput" in text and "MFU" in text
@@ -238,7 +266,7 @@ def test_run_all_lists_and_rejects_unknown():
   assert p.returncode == 0, p.stderr[-2000:]
   names = [l.split(":")[0] for l in p.stdout.splitlines()]
   assert names == ["step_time", "pipeline", "memory", "compression", "sim_calibration",
-                   "numerics_shakeout", "published"]
+                   "numerics_shakeout", "published", "adaptive_balance", "dp_methods"]
   assert "--out=/tmp/res/compression.json" in p.stdout
   one_error(cli("benchmarks.run_all", "--only=step_time,nope"), "unknown benchmark(s) ['nope']")
 

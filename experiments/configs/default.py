@@ -33,13 +33,15 @@ def get_config(arg=None):
   # Data parallelism beyond GSPMD's all-reduce (rec_llm/train/dp_step.py). mode: 'sync' |
   # 'stale' (staleness tau) | 'local_sgd' (local_steps H, DiLoCo outer Nesterov step);
   # aggregator: 'psum' | 'ring' | 'hierarchical' (group = devices per node) | 'sparse';
-  # compression.kind: 'none' | 'topk' | 'randomk' | 'qsgd' | 'int8' | 'sign' | 'powersgd'.
+  # compression.kind: 'none' | 'topk' | 'randomk' | 'qsgd' | 'int8' | 'sign' | 'powersgd';
+  # compression.precondition: 'none' (AdamW after the mean) | 'adam' (each replica's AdamW
+  # direction is what gets compressed; the optimizer then applies weight decay and the lr).
   # zero: state sharded over data: 0 none, 1 optimizer state (ZeRO-1), 3 parameters too (FSDP).
   c.dp = ml_collections.ConfigDict(dict(
       zero=0, mode="sync", staleness=0, local_steps=1, outer_lr=0.7, outer_momentum=0.9,
       aggregator="psum", group=0,
       compression=ml_collections.ConfigDict(dict(kind="none", ratio=0.01, bits=8, rank=4,
-                                                 momentum=0.0))))
+                                                 momentum=0.0, precondition="none"))))
   # Adaptive load balancing of pipeline stages (mesh.pipe > 1): every `every_steps` steps,
   # measure block / embedding / head costs and re-partition the blocks when the predicted
   # saving over the remaining steps beats fixed_cost_s (-1: the measured compile time).

@@ -185,6 +185,9 @@ def pipeline_config(config: ConfigDict) -> dict:
   return p
 
 
+PRECONDITIONS = ("none", "adam")  # dp.compression.precondition
+
+
 def check_dp(config: ConfigDict, data: int, pipe: int) -> None:
   """The `dp` section: compression, aggregator and mode (rec_llm/train/dp_step.py)."""
   opt = config.train.optimizer
@@ -215,6 +218,15 @@ def check_dp(config: ConfigDict, data: int, pipe: int) -> None:
     raise ConfigError("the dp section (compression, aggregator, stale/local_sgd) needs "
                       f"mesh.pipe=1, got {pipe}; pipelined runs use the synchronous psum")
   check_zero(config, data, pipe)
+  pre = c.precondition
+  if pre not in PRECONDITIONS:
+    raise ConfigError(f"dp.compression.precondition={pre!r} is unknown; choose one of "
+                      f"{list(PRECONDITIONS)}")
+  if pre == "adam" and (opt != "adamw" or mode == "local_sgd" or c.momentum):
+    raise ConfigError("dp.compression.precondition='adam' compresses each replica's AdamW "
+                      "direction: it needs train.optimizer='adamw', dp.mode 'sync' or 'stale' "
+                      "(local SGD keeps whole AdamW states per replica already) and "
+                      f"dp.compression.momentum=0; got {opt!r}, {mode!r}, {c.momentum}")
   if kind == "topk" and agg not in ("sparse", "psum"):
     raise ConfigError(f"dp.compression.kind='topk' sends (index, value) pairs; use "
                       f"dp.aggregator='sparse' (or 'psum' for a dense comparison), not {agg!r}")

@@ -34,7 +34,7 @@ from ml_collections import ConfigDict
 
 from rec_llm.numerics import all_finite
 from rec_llm.parallel import compression, control, sharding
-from rec_llm.train import guard
+from rec_llm.train import guard, optimizer
 from rec_llm.train.faults import Faults
 from rec_llm.train.step import TrainState, loss_fn, with_step
 
@@ -44,15 +44,28 @@ DATA = "data"
 def uses_dp_step(config: ConfigDict) -> bool:
   """True when the `dp` section asks for more than GSPMD's synchronous all-reduce."""
   dp = config.dp
-  return dp.mode != "sync" or dp.compression.kind != "none" or dp.aggregator != "psum"
+  return (dp.mode != "sync" or dp.compression.kind != "none" or dp.aggregator != "psum"
+          or local_moments(config))
 
 
-def make_compressor(dp: ConfigDict, replicas: int, seed: int) -> optax.GradientTransformation:
-  c = dp.compression
-  return compression.make(c.kind, axis=DATA, replicas=replicas, aggregator=dp.aggregator,
+def local_moments(config: ConfigDict) -> bool:
+  """dp.compression.precondition='adam': each replica keeps AdamW's moments of its own
+  gradients and the compressor sends its Adam direction; the optimizer after the mean
+  applies only weight decay and the learning rate (optimizer.make(moments=False)); the
+  logged grad_norm is then the norm of the mean direction."""
+  return config.dp.compression.precondition == "adam"
+
+
+def make_compressor(config: ConfigDict, replicas: int) -> optax.GradientTransformation:
+  dp, c = config.dp, config.dp.compression
+  comp = compression.make(c.kind, axis=DATA, replicas=replicas, aggregator=dp.aggregator,
                           ratio=float(c.ratio), bits=int(c.bits), rank=int(c.rank),
                           group=int(dp.group), momentum=float(c.momentum),
-                          seed=seed)
+                          seed=int(config.train.seed))
+  # Adam's direction is what the step applies, so it is what error feedback must keep whole
+  # and what top-k should rank (raw gradients rank by scale, which Adam divides out).
+  return optax.chain(optimizer.adam_moments(config.train), comp) if local_moments(config) \
+      else comp
 
 
 def outer_optimizer(dp: ConfigDict) -> optax.GradientTransformation:
@@ -87,7 +100,7 @@ class DPStep:
     self.replicas = mesh.shape[DATA]
     self.seed = int(config.train.seed)
     self.dropout = config.model.dropout_rate > 0
-    self.comp = make_compressor(dp, self.replicas, self.seed)
+    self.comp = make_compressor(config, self.replicas)
     self.faults = faults
     self.outer_tx = outer_optimizer(dp) if self.mode == "local_sgd" else None
 

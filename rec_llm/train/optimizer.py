@@ -25,9 +25,22 @@ def schedule(train_cfg: ConfigDict) -> optax.Schedule:
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def make(train_cfg: ConfigDict) -> optax.GradientTransformation:
+def adam_moments(train_cfg: ConfigDict) -> optax.GradientTransformation:
+  """AdamW's moments alone: gradient -> bias-corrected m / (sqrt(v) + eps)."""
+  return optax.scale_by_adam(b1=train_cfg.b1, b2=train_cfg.b2)
+
+
+def make(train_cfg: ConfigDict, moments: bool = True) -> optax.GradientTransformation:
   """train.optimizer: 'adamw' or 'sgd' (heavy-ball train.momentum, 0: plain, as the
-  exactness checks use); clipping by global norm train.grad_clip first (0: off)."""
+  exactness checks use); clipping by global norm train.grad_clip first (0: off).
+
+  moments=False ('adamw' only): what follows `adam_moments` in AdamW, decoupled weight
+  decay and the learning-rate schedule, for updates that are already Adam directions (the
+  data-parallel step's dp.compression.precondition='adam'); no clipping (a direction's
+  norm says nothing about an outlier gradient)."""
+  if not moments:
+    return optax.chain(optax.add_decayed_weights(train_cfg.weight_decay, _decay_mask),
+                       optax.scale_by_learning_rate(schedule(train_cfg)))
   clip = float(train_cfg.grad_clip)
   if train_cfg.optimizer == "sgd":
     opt = optax.sgd(schedule(train_cfg), momentum=float(train_cfg.momentum) or None)

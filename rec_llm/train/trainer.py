@@ -110,7 +110,7 @@ def build(config: ConfigDict, devices: list[jax.Device] | None = None, init: boo
   mc = config_check.check_model(config, source.num_items, shape[1])
   head = make_head(tc, source, mc.vocab_size)
   model = SeqTransformer(mc)
-  tx = optimizer.make(tc)
+  tx = optimizer.make(tc, moments=not dp_step.local_moments(config))
   rng = jax.random.PRNGKey(seed)
   faults = faults_lib.from_config(tc)  # tests only
   use_dp = dp_step.uses_dp_step(config)
