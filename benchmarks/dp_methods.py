@@ -156,7 +156,8 @@ def main(argv):
       r = {**run_one(name, seed), "command": prov["command"], "git_commit": prov["git_commit"]}
       runs = [x for x in runs if (x["point"], x["seed"]) != (name, seed)] + [r]
       _write(runs, bytes_)
-  _write(runs, bytes_)  # (--points= only re-summarises what --out holds)
+  if not _POINTS.value:  # --points= only re-summarises what --out holds
+    _write(runs, bytes_)
   print(f"{'point':12} {'bytes/step':>11} {'ratio':>7} {'syncs/ep':>8} {'NDCG@10':>8} "
         f"{'HR@10':>7} {'vs dense':>8}")
   for r in summarise(runs, bytes_):
