@@ -46,6 +46,17 @@ POINTS = {
     "local8_avg": ("local SGD: inner AdamW, the replicas averaged every 8 steps (outer lr 1, "
                    "no momentum)", dict(mode="local_sgd", local_steps=8, outer_lr=1.0,
                                         outer_momentum=0.0)),
+    "local8_avg_lr2": ("local SGD averaged every 8 steps, the inner learning rate doubled (6e-3)",
+                       dict(mode="local_sgd", local_steps=8, outer_lr=1.0, outer_momentum=0.0,
+                            train=dict(learning_rate=6e-3))),
+    "local32_avg_lr2": ("local SGD averaged every 32 steps, the inner learning rate doubled",
+                        dict(mode="local_sgd", local_steps=32, outer_lr=1.0, outer_momentum=0.0,
+                             train=dict(learning_rate=6e-3))),
+    "local32_avg_lr2_int8": ("local SGD averaged every 32 steps, the inner learning rate "
+                             "doubled, the average sent as int8 + error feedback",
+                             dict(mode="local_sgd", local_steps=32, outer_lr=1.0,
+                                  outer_momentum=0.0, train=dict(learning_rate=6e-3),
+                                  kind="int8", aggregator="ring")),
     "local32_avg": ("local SGD: inner AdamW, the replicas averaged every 32 steps",
                     dict(mode="local_sgd", local_steps=32, outer_lr=1.0, outer_momentum=0.0)),
     "topk1": ("top-k 1% + error feedback, AdamW on the mean",
