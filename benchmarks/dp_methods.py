@@ -31,34 +31,38 @@ from benchmarks import common
 from experiments.configs import ml1m_fast
 from rec_llm.train import trainer
 
-# name: (what it is, overrides: top-level dp keys and dp.compression keys by name; `train`:
-# train fields)
+
+def _local(h: int, average: bool = True, lr_scale: float = 1.0, **compression) -> dict:
+  """Local SGD every h steps: `average` replaces DiLoCo's outer Nesterov step (the config's
+  outer_lr 0.7, momentum 0.9) with the plain average (outer lr 1, no momentum)."""
+  d = dict(mode="local_sgd", local_steps=h, lr_scale=lr_scale, **compression)
+  return {**d, **(dict(outer_lr=1.0, outer_momentum=0.0) if average else {})}
+
+
+# name: (what it is, overrides: top-level dp keys and dp.compression keys by name; `lr_scale`
+# multiplies ml1m_fast's learning rate (3e-3))
 POINTS = {
     "dense": ("synchronous, the explicit ring all-reduce", dict(aggregator="ring")),
     "stale2": ("asynchronous: gradients applied 2 steps late", dict(mode="stale", staleness=2)),
     "stale4": ("asynchronous: gradients applied 4 steps late", dict(mode="stale", staleness=4)),
     "stale2_lr": ("stale 2, the learning rate divided by 1 + tau (staleness-aware)",
-                  dict(mode="stale", staleness=2, train=dict(learning_rate=1e-3))),
-    "local8": ("DiLoCo: inner AdamW, outer Nesterov every 8 steps",
-               dict(mode="local_sgd", local_steps=8)),
-    "local32": ("DiLoCo: inner AdamW, outer Nesterov every 32 steps",
-                dict(mode="local_sgd", local_steps=32)),
+                  dict(mode="stale", staleness=2, lr_scale=1 / 3)),
+    "local8": ("DiLoCo: inner AdamW, outer Nesterov every 8 steps", _local(8, average=False)),
+    "local32": ("DiLoCo: inner AdamW, outer Nesterov every 32 steps", _local(32, average=False)),
+    "local8_lr2": ("DiLoCo every 8 steps, the inner learning rate doubled",
+                   _local(8, average=False, lr_scale=2)),
+    "local32_lr2": ("DiLoCo every 32 steps, the inner learning rate doubled",
+                    _local(32, average=False, lr_scale=2)),
     "local8_avg": ("local SGD: inner AdamW, the replicas averaged every 8 steps (outer lr 1, "
-                   "no momentum)", dict(mode="local_sgd", local_steps=8, outer_lr=1.0,
-                                        outer_momentum=0.0)),
+                   "no momentum)", _local(8)),
     "local8_avg_lr2": ("local SGD averaged every 8 steps, the inner learning rate doubled (6e-3)",
-                       dict(mode="local_sgd", local_steps=8, outer_lr=1.0, outer_momentum=0.0,
-                            train=dict(learning_rate=6e-3))),
+                       _local(8, lr_scale=2)),
+    "local32_avg": ("local SGD: inner AdamW, the replicas averaged every 32 steps", _local(32)),
     "local32_avg_lr2": ("local SGD averaged every 32 steps, the inner learning rate doubled",
-                        dict(mode="local_sgd", local_steps=32, outer_lr=1.0, outer_momentum=0.0,
-                             train=dict(learning_rate=6e-3))),
+                        _local(32, lr_scale=2)),
     "local32_avg_lr2_int8": ("local SGD averaged every 32 steps, the inner learning rate "
                              "doubled, the average sent as int8 + error feedback",
-                             dict(mode="local_sgd", local_steps=32, outer_lr=1.0,
-                                  outer_momentum=0.0, train=dict(learning_rate=6e-3),
-                                  kind="int8", aggregator="ring")),
-    "local32_avg": ("local SGD: inner AdamW, the replicas averaged every 32 steps",
-                    dict(mode="local_sgd", local_steps=32, outer_lr=1.0, outer_momentum=0.0)),
+                             _local(32, lr_scale=2, kind="int8", aggregator="ring")),
     "topk1": ("top-k 1% + error feedback, AdamW on the mean",
               dict(kind="topk", ratio=0.01, aggregator="sparse")),
     "topk0.1": ("top-k 0.1% + error feedback, AdamW on the mean",
@@ -69,18 +73,19 @@ POINTS = {
                   dict(kind="powersgd", rank=4, aggregator="psum")),
     "topk1_adam": ("top-k 1% of each replica's AdamW direction + error feedback",
                    dict(kind="topk", ratio=0.01, aggregator="sparse", precondition="adam")),
+    "topk1_adam_lr2": ("top-k 1% of each replica's AdamW direction, the learning rate doubled",
+                       dict(kind="topk", ratio=0.01, aggregator="sparse", precondition="adam",
+                            lr_scale=2)),
     "topk0.1_adam": ("top-k 0.1% of each replica's AdamW direction + error feedback",
                      dict(kind="topk", ratio=0.001, aggregator="sparse", precondition="adam")),
     "sign_adam": ("1-bit of each replica's AdamW direction + error feedback",
                   dict(kind="sign", aggregator="ring", precondition="adam")),
     "local8_sign": ("DiLoCo every 8 steps, the outer gradient sent as 1 bit + error feedback",
-                    dict(mode="local_sgd", local_steps=8, kind="sign", aggregator="ring")),
+                    _local(8, average=False, kind="sign", aggregator="ring")),
     "local8_avg_sign": ("local SGD averaged every 8 steps, the average sent as 1 bit + error "
-                        "feedback", dict(mode="local_sgd", local_steps=8, outer_lr=1.0,
-                                         outer_momentum=0.0, kind="sign", aggregator="ring")),
+                        "feedback", _local(8, kind="sign", aggregator="ring")),
     "local4_avg_sign": ("local SGD averaged every 4 steps, the average sent as 1 bit + error "
-                        "feedback", dict(mode="local_sgd", local_steps=4, outer_lr=1.0,
-                                         outer_momentum=0.0, kind="sign", aggregator="ring")),
+                        "feedback", _local(4, kind="sign", aggregator="ring")),
 }
 _COMPRESSION_KEYS = ("kind", "ratio", "bits", "rank", "momentum", "precondition")
 
@@ -100,8 +105,8 @@ def point_config(name: str, seed: int):
   if _STEPS.value:
     c.train.update(steps=_STEPS.value, warmup_steps=min(c.train.warmup_steps, _STEPS.value))
   for k, v in POINTS[name][1].items():
-    if k == "train":
-      c.train.update(v)
+    if k == "lr_scale":
+      c.train.learning_rate *= v
     else:
       (c.dp.compression if k in _COMPRESSION_KEYS else c.dp)[k] = v
   return c
@@ -169,10 +174,10 @@ def main(argv):
       _write(runs, bytes_)
   if not _POINTS.value:  # --points= only re-summarises what --out holds
     _write(runs, bytes_)
-  print(f"{'point':12} {'bytes/step':>11} {'ratio':>7} {'syncs/ep':>8} {'NDCG@10':>8} "
+  print(f"{'point':20} {'bytes/step':>11} {'ratio':>7} {'syncs/ep':>8} {'NDCG@10':>8} "
         f"{'HR@10':>7} {'vs dense':>8}")
   for r in summarise(runs, bytes_):
-    print(f"{r['point']:12} {r['dp_bytes_hlo']:11,.0f} {r.get('compression_ratio', 0):7.1f} "
+    print(f"{r['point']:20} {r['dp_bytes_hlo']:11,.0f} {r.get('compression_ratio', 0):7.1f} "
           f"{r['syncs_per_epoch']:8.1f} {r['mean_test/ndcg@10']:8.4f} {r['mean_test/hr@10']:7.4f} "
           f"{r.get('ndcg10_vs_dense', 0):8.3f}")
 
