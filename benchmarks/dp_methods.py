@@ -80,6 +80,11 @@ POINTS = {
                      dict(kind="topk", ratio=0.001, aggregator="sparse", precondition="adam")),
     "sign_adam": ("1-bit of each replica's AdamW direction + error feedback",
                   dict(kind="sign", aggregator="ring", precondition="adam")),
+    "topk0.1_adam_lr2": ("top-k 0.1% of each replica's AdamW direction, the learning rate "
+                         "doubled", dict(kind="topk", ratio=0.001, aggregator="sparse",
+                                         precondition="adam", lr_scale=2)),
+    "sign_adam_lr2": ("1-bit of each replica's AdamW direction, the learning rate doubled",
+                      dict(kind="sign", aggregator="ring", precondition="adam", lr_scale=2)),
     "local8_sign": ("DiLoCo every 8 steps, the outer gradient sent as 1 bit + error feedback",
                     _local(8, average=False, kind="sign", aggregator="ring")),
     "local8_avg_sign": ("local SGD averaged every 8 steps, the average sent as 1 bit + error "
