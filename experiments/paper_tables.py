@@ -472,14 +472,16 @@ def full_runs_section(path: str) -> str:
     keeps = r.get("ndcg10_vs_dense")
     body.append([r["point"], r["what"], f("dp_bytes_hlo", ",.0f"), f("compression_ratio", ".1f"),
                  f("syncs_per_epoch", ".1f"), len(r["seeds"]),
-                 f"{r['mean_test/ndcg@10']:.4f} ± {r['std_test/ndcg@10']:.4f}",
+                 f"{r['mean_test/ndcg@10']:.4f}" + (f" ± {r['std_test/ndcg@10']:.4f}"
+                                                    if len(r["seeds"]) > 1 else ""),
                  f("mean_test/hr@10", ".4f"), f("ndcg10_vs_dense", ".3f"), f("hr10_vs_dense", ".3f"),
                  None if keeps is None else ("yes" if keeps >= KEEP else "no")])
   return (f"Full runs: `{d['provenance'].get('command', '?')}` and the runs it merged (git "
           f"{', '.join(commits)}), {d.get('mesh', '?')}, experiments/configs/ml1m_fast.py "
           f"(AdamW inner optimizer), {d.get('protocol', '?')}. DP bytes: per device per step "
           "(HLO; local SGD's sync divided by H); ratio: dense bytes / these bytes; NDCG@10: "
-          f"mean ± std over the seeds; keeps: mean NDCG@10 >= {KEEP:.0%} of dense's.\n\n" +
+          f"mean ± std over the seeds (one seed: its value); keeps: mean NDCG@10 >= {KEEP:.0%} "
+          "of dense's.\n\n" +
           table(["point", "what", "DP bytes/step", "ratio", "syncs/epoch", "seeds",
                  "NDCG@10", "HR@10", "NDCG@10 / dense", "HR@10 / dense", "keeps"], body))
 

@@ -22,6 +22,7 @@ BAD = [
     ([SMOKE, "--config.dp.outer_momentum=inf"], "dp.outer_momentum=inf must be in [0, 1)"),
     ([SMOKE, "--config.model.dropout_rate=0.001"], "dropout_rate=0.001 rounds to 0"),
     ([SMOKE, "--config.model.block=mamba"], "model.block='mamba' is unknown; choose one of"),
+    ([SMOKE, "--config.model.dropout_bits=philox"], "model.dropout_bits='philox'; choose"),
     ([SMOKE, "--config.mesh.pipe=2", "--config.mesh.data=2", "--config.pipeline.schedule=zigzag"],
      "pipeline.schedule='zigzag' is unknown"),
     ([SMOKE, "--config.mesh.pipe=2", "--config.mesh.data=2", "--config.pipeline.stage_layers=(1,3)"],

@@ -268,7 +268,8 @@ def test_cosine_scores_match_reference_and_shard():
   numerics.check_close("loss", losses[1], losses[0], LAYOUT_RTOL * abs(losses[0]))
 
 
-def test_byte_dropout_drops_its_rounded_rate_and_keeps_the_expectation():
+@pytest.mark.parametrize("bits", ["threefry", "hash"])
+def test_byte_dropout_drops_its_rounded_rate_and_keeps_the_expectation(bits):
   """seq_transformer.Dropout (8 random bits an element): drops round(rate * 256) / 256 of the
   elements, independently of their place in a 4-element word, scales the kept ones so the
   mean is unchanged, draws anew on each call, and is the identity when deterministic. An odd
@@ -276,7 +277,7 @@ def test_byte_dropout_drops_its_rounded_rate_and_keeps_the_expectation():
   over the 2.6M elements (over 650k per word position)."""
   from rec_llm.models.seq_transformer import Dropout
   x = jnp.ones((64, 200, 203))
-  drop = Dropout(0.2, deterministic=False)
+  drop = Dropout(0.2, deterministic=False, bits=bits)
   y1, y2 = (np.asarray(drop.apply({}, x, rngs={"dropout": jax.random.PRNGKey(s)})) for s in (0, 1))
   p, n = 51 / 256, x.size
   numerics.check("dropped fraction", abs(np.mean(y1 == 0) - p), 5 * math.sqrt(p * (1 - p) / n))
@@ -285,10 +286,26 @@ def test_byte_dropout_drops_its_rounded_rate_and_keeps_the_expectation():
   for j in range(4):  # each byte of a word is an independent draw
     col = y1[..., j:200:4] == 0
     numerics.check(f"byte {j}", abs(col.mean() - p), 5 * math.sqrt(p * (1 - p) / col.size))
+  both = (y1[..., :-4] == 0) & (y1[..., 4:] == 0)  # neighbouring words: independent draws
+  numerics.check("both dropped", abs(both.mean() - p * p), 5 * math.sqrt(p * p / both.size))
   assert 0.5 < np.mean((y1 == 0) != (y2 == 0)) / (2 * p * (1 - p)) < 1.5  # another draw
   np.testing.assert_array_equal(Dropout(0.2, deterministic=True).apply({}, x), x)
   np.testing.assert_array_equal(Dropout(0.001, deterministic=False).apply(
       {}, x, rngs={"dropout": jax.random.PRNGKey(0)}), x)  # rounds to 0: nothing dropped
+
+
+def test_hash_bits_are_the_same_on_every_sharding():
+  """seq_transformer.hash_bits indexes the global array: computed sharded over 8 devices (the
+  batch axis, or batch x heads), the bits are one device's, and a new key draws new bits."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from rec_llm.models.seq_transformer import hash_bits
+  shape, key = (8, 4, 16, 5), jax.random.PRNGKey(3)
+  ref = np.asarray(jax.jit(hash_bits, static_argnums=1)(key, shape))
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+  for spec in (P("data"), P("data", "tensor")):
+    f = jax.jit(hash_bits, static_argnums=1, out_shardings=NamedSharding(mesh, spec))
+    np.testing.assert_array_equal(np.asarray(f(key, shape)), ref)
+  assert np.mean(np.asarray(hash_bits(jax.random.PRNGKey(4), shape)) == ref) < 0.01
 
 
 @pytest.mark.parametrize("block", ["transformer", "hstu"])

@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=64, vocab_multiple=128,
       dropout_rate=0.0, dtype="float32", remat=False,
+      dropout_bits="threefry",  # dropout masks' random bits: 'threefry' | 'hash' (cheaper)
       scan_unroll=1,  # blocks per iteration of the scan over layers (num_layers: unrolled)
       causal_blocks=0,  # causal attention's query blocks (0: 2 from length 128 on, else 1)
       block="transformer",  # or 'hstu': SiLU attention, relative position bias, gate, no MLP

@@ -111,7 +111,8 @@ def model_config(config: ConfigDict, num_items: int) -> ModelConfig:
       num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len,
       vocab_multiple=m.vocab_multiple, dropout_rate=m.dropout_rate, dtype=m.dtype,
       remat=m.remat, temperature=float(m.temperature), scan_unroll=int(m.scan_unroll),
-      causal_blocks=int(m.causal_blocks), block=str(m.get("block", "transformer")))
+      causal_blocks=int(m.causal_blocks), block=str(m.get("block", "transformer")),
+      dropout_bits=str(m.dropout_bits))
 
 
 def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -144,6 +145,9 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
   if m.get("block", "transformer") not in seq_transformer.BLOCKS:
     raise ConfigError(f"model.block={m.block!r} is unknown; choose one of "
                       f"{list(seq_transformer.BLOCKS)}")
+  if m.dropout_bits not in ("threefry", "hash"):
+    raise ConfigError(f"model.dropout_bits={m.dropout_bits!r}; choose 'threefry' (jax.random) "
+                      "or 'hash' (a counter hash, about half the cost on CPU)")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
   check_pipeline(config, data, pipe)
