@@ -36,7 +36,9 @@ def _local(h: int, average: bool = True, lr_scale: float = 1.0, **compression) -
   """Local SGD every h steps: `average` replaces DiLoCo's outer Nesterov step (the config's
   outer_lr 0.7, momentum 0.9) with the plain average (outer lr 1, no momentum)."""
   d = dict(mode="local_sgd", local_steps=h, lr_scale=lr_scale, **compression)
-  return {**d, **(dict(outer_lr=1.0, outer_momentum=0.0) if average else {})}
+  if average:
+    d.update(outer_lr=1.0, outer_momentum=0.0)
+  return d
 
 
 # name: (what it is, overrides: top-level dp keys and dp.compression keys by name; `lr_scale`

@@ -47,7 +47,7 @@ class ModelConfig:
   # 128 on, else 1.
   causal_blocks: int = 0
   block: str = "transformer"  # or 'hstu' (BLOCKS)
-  dropout_bits: str = "threefry"  # or 'hash' (Dropout)
+  dropout_bits: str = "threefry"  # or 'hash' (DROPOUT_BITS)
 
   @property
   def vocab_size(self) -> int:
@@ -97,6 +97,10 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return x ^ (x >> 16)
 
 
+# model.dropout_bits: where Dropout's random bits come from (key, shape) -> uint32 [shape]
+DROPOUT_BITS = {"threefry": partial(jax.random.bits, dtype=jnp.uint32), "hash": hash_bits}
+
+
 class Dropout(nn.Module):
   """Inverted dropout whose mask costs 8 random bits an element, not nn.Dropout's 32: one
   uint32 draw masks 4 neighbours along the last axis. Random bits were a fifth of a CPU
@@ -115,8 +119,7 @@ class Dropout(nn.Module):
     if self.deterministic or dropped == 0:
       return x
     words = -(-x.shape[-1] // 4)
-    draw = hash_bits if self.bits == "hash" else partial(jax.random.bits, dtype=jnp.uint32)
-    bits = draw(self.make_rng("dropout"), x.shape[:-1] + (words,))
+    bits = DROPOUT_BITS[self.bits](self.make_rng("dropout"), x.shape[:-1] + (words,))
     byte = jax.lax.bitcast_convert_type(bits, jnp.uint8).reshape(x.shape[:-1] + (4 * words,))
     keep = byte[..., :x.shape[-1]] >= dropped
     return jnp.where(keep, x * (256 / (256 - dropped)), 0).astype(x.dtype)

@@ -145,9 +145,10 @@ def check(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
   if m.get("block", "transformer") not in seq_transformer.BLOCKS:
     raise ConfigError(f"model.block={m.block!r} is unknown; choose one of "
                       f"{list(seq_transformer.BLOCKS)}")
-  if m.dropout_bits not in ("threefry", "hash"):
-    raise ConfigError(f"model.dropout_bits={m.dropout_bits!r}; choose 'threefry' (jax.random) "
-                      "or 'hash' (a counter hash, about half the cost on CPU)")
+  if m.dropout_bits not in seq_transformer.DROPOUT_BITS:
+    raise ConfigError(f"model.dropout_bits={m.dropout_bits!r}; choose one of "
+                      f"{list(seq_transformer.DROPOUT_BITS)} (jax.random's threefry, or a "
+                      "counter hash at about half the cost on CPU)")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
   check_pipeline(config, data, pipe)
