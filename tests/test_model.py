@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from experiments.configs import large_1b
-from rec_llm.models import arithmetic
+from rec_llm.models import arithmetic, seq_transformer
 from rec_llm.models.seq_transformer import SeqTransformer, count_params
 from rec_llm.parallel import mesh as mesh_lib
 from rec_llm.parallel import sharding, vocab_parallel
@@ -213,6 +213,15 @@ def test_short_window_equals_left_padded_full_window(block):
   bound = lambda h: LAYOUT_RTOL * np.maximum(np.abs(np.asarray(h)), 1.0)
   numerics.check_close("window", h_short[:, 1:], h_full[:, -4:], bound(h_full[:, -4:]))
   numerics.check_close("last pad", h_short[1, 0], h_full[1, -5], bound(h_full[1, -5]))
+
+
+def test_default_query_blocks_are_about_query_block_long():
+  mc = config_check.model_config(tiny_config(), 300)
+  assert mc.causal_blocks == 0
+  assert seq_transformer.query_blocks(mc, 200) == [0, 50, 100, 150, 200]
+  assert seq_transformer.query_blocks(mc, 100) == [0, 50, 100]
+  assert seq_transformer.query_blocks(mc, 25) == [0, 25]
+  assert seq_transformer.query_blocks(dataclasses.replace(mc, causal_blocks=3), 7) == [0, 2, 4, 7]
 
 
 @pytest.mark.parametrize("block", ["transformer", "hstu"])

@@ -21,7 +21,7 @@ def get_config(arg=None):
       dropout_rate=0.0, dtype="float32", remat=False,
       dropout_bits="threefry",  # dropout masks' random bits: 'threefry' | 'hash' (cheaper)
       scan_unroll=1,  # blocks per iteration of the scan over layers (num_layers: unrolled)
-      causal_blocks=0,  # causal attention's query blocks (0: 2 from length 128 on, else 1)
+      causal_blocks=0,  # causal attention's query blocks (0: about 50 queries each)
       block="transformer",  # or 'hstu': SiLU attention, relative position bias, gate, no MLP
       temperature=0.0))  # > 0: cosine-similarity scores / temperature
   # Used when mesh.pipe > 1: schedule 'gpipe' | '1f1b'; microbatches per data replica;

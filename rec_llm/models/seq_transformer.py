@@ -227,10 +227,16 @@ def causal_attention(cfg: ModelConfig, q, k, v, key_valid, weigh):
   return jnp.concatenate([attend(lo, hi) for lo, hi in zip(bounds, bounds[1:])], axis=1)
 
 
+# Queries per causal block when model.causal_blocks is 0. n blocks do (n + 1) / 2n of the
+# square's work, each at a fixed cost: on the 2-core CPU, blocks of ~50 queries (4 at length
+# 200, 2 at 100) made the SASRec-sized step 6-8% faster than 2 blocks from length 128 on.
+QUERY_BLOCK = 50
+
+
 def query_blocks(cfg: ModelConfig, seq: int) -> list[int]:
   """Bounds of the causal attention's query blocks: [0, ..., seq] in cfg.causal_blocks
-  (0: 2 from length 128 on, else 1) near-equal parts."""
-  n = cfg.causal_blocks or (2 if seq >= 128 else 1)
+  near-equal parts (0: about QUERY_BLOCK queries each)."""
+  n = cfg.causal_blocks or round(seq / QUERY_BLOCK)
   n = max(1, min(n, seq))
   return [seq * i // n for i in range(n + 1)]
 
