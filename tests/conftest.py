@@ -9,12 +9,9 @@ under other XLA CPU settings too. A level given in XLA_FLAGS wins. Subprocesses 
 runs) get the same flags through `SUBPROCESS_XLA_FLAGS`, without the device count.
 """
 
-import atexit
 import os
 import re
-import shutil
 import sys
-import tempfile
 
 # (Without any device count: pytest-xdist workers inherit the controller's environment,
 # which this file already changed once.)
@@ -30,17 +27,6 @@ if "xla_cpu_collective_call_terminate_timeout_seconds" not in _USER_FLAGS:
 SUBPROCESS_XLA_FLAGS = f"{_USER_FLAGS} {TEST_XLA_FLAGS}".strip()
 os.environ["XLA_FLAGS"] = f"{SUBPROCESS_XLA_FLAGS} --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Many tests, and every trainer subprocess, compile the same programs (the smoke config's
-# step above all): one persistent compilation cache per pytest run, cold at its start,
-# shared by the xdist workers and the subprocesses (they inherit this environment). The
-# cache key holds the XLA flags and the devices, so a hit is the same executable. Test_faults
-# alone: 140 -> 101 s. A cache a user configured wins.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _CACHE = tempfile.mkdtemp(prefix="rec_llm_test_jax_cache_")
-  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-  os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
