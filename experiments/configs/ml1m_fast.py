@@ -30,7 +30,7 @@ at the schedule's end, 346 s (step 1,300, epoch 27.7): 100 sampled negatives HR@
 NDCG@10 0.5849; full ranking (seen filtered) HR@10 0.2705 / NDCG@10 0.1558; 37,852
 non-padding positions/s, MFU 19.7%. (Earlier that day, the machine about 2x slower, with
 steps=1050: 0.5771 at the 420 s budget.) That was on one device; with data=2 (2026-12-03
-18:07 UTC, a slower machine: matmul peak 205-225 against 257 GFLOP/s), 0.5785 at 241 s,
+17:53 UTC, a slower machine: matmul peak 205-225 against 257 GFLOP/s), 0.5785 at 241 s,
 0.5839 at 302 s, and at the schedule's end, 328 s: 100 sampled negatives HR@10 0.7942 /
 NDCG@10 0.5853, full ranking HR@10 0.2707 / NDCG@10 0.1554; 41,983 positions/s. The curve:
 README, "Time to quality".
