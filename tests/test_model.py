@@ -284,7 +284,7 @@ def test_byte_dropout_drops_its_rounded_rate_and_keeps_the_expectation(bits):
   mean is unchanged, draws anew on each call, and is the identity when deterministic. An odd
   last axis (203) checks the word padding. Tolerances: 5 standard deviations of a binomial
   over the 2.6M elements (over 650k per word position)."""
-  from rec_llm.models.seq_transformer import Dropout
+  Dropout = seq_transformer.Dropout
   x = jnp.ones((64, 200, 203))
   drop = Dropout(0.2, deterministic=False, bits=bits)
   y1, y2 = (np.asarray(drop.apply({}, x, rngs={"dropout": jax.random.PRNGKey(s)})) for s in (0, 1))
@@ -306,8 +306,8 @@ def test_byte_dropout_drops_its_rounded_rate_and_keeps_the_expectation(bits):
 def test_hash_bits_are_the_same_on_every_sharding():
   """seq_transformer.hash_bits indexes the global array: computed sharded over 8 devices (the
   batch axis, or batch x heads), the bits are one device's, and a new key draws new bits."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from rec_llm.models.seq_transformer import hash_bits
+  from jax.sharding import Mesh, NamedSharding
+  hash_bits = seq_transformer.hash_bits
   shape, key = (8, 4, 16, 5), jax.random.PRNGKey(3)
   ref = np.asarray(jax.jit(hash_bits, static_argnums=1)(key, shape))
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))

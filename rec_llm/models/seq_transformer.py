@@ -43,8 +43,8 @@ class ModelConfig:
   # zero-filling the loop's stacked residuals every step (a few blocks compile quickly).
   scan_unroll: int = 1
   # Causal attention in this many query blocks, each scoring only the keys up to its end:
-  # (n - 1) / 2n less attention work (n = 2: a quarter); the same result. 0: 2 from length
-  # 128 on, else 1.
+  # (n - 1) / 2n less attention work (n = 2: a quarter); the same result. 0: about
+  # QUERY_BLOCK queries a block (query_blocks).
   causal_blocks: int = 0
   block: str = "transformer"  # or 'hstu' (BLOCKS)
   dropout_bits: str = "threefry"  # or 'hash' (DROPOUT_BITS)
