@@ -1,6 +1,6 @@
 """Adaptive load balancing: from a poor partition (3 and 9 blocks, the heavy item head on the
 last stage too) the trainer re-partitions at the first check, to the candidate whose
-measured slowest stage is fastest, the stages are more even afterwards, and the losses equal
+step, simulated from its measured ticks, is fastest, the stages are more even afterwards, and the losses equal
 a run that never re-balanced (`LAYOUT_RTOL`: only the partition differs, which changes the
 order of float32 sums at most).
 
@@ -27,9 +27,9 @@ import json, sys
 import tests.conftest
 from rec_llm.train import trainer
 from benchmarks.adaptive_balance import config
-# 10 interleaved timings per candidate (the benchmark takes 40): from (3, 9) the move is
-# worth ~15%, far above what noise does to the fastest of 10
-print(json.dumps([trainer.train(config(b, repeats=10)) for b in (False, True)]))
+# 20 interleaved timings per candidate (the benchmark takes 40): from (3, 9) the move is
+# worth ~15-20%: with two busy-looping processes beside it, 3 runs measured 16-22%
+print(json.dumps([trainer.train(config(b, repeats=20)) for b in (False, True)]))
 """
 
 
@@ -45,10 +45,10 @@ def test_rebalances_and_keeps_the_losses():
   b = d["balance"]
   assert b["rebalance"], b["reason"]
   assert b["current"] == [3, 9] and b["proposed"][0] > 6  # blocks move off the head's stage
-  # the move is to the measured candidate whose slowest stage is fastest
+  # the move is to the measured candidate whose simulated step is fastest
   measured = {tuple(c["stage_layers"]): {"fwd": c["fwd_s"], "bwd": c["bwd_s"]}
               for c in b["candidates"]}
-  assert tuple(b["proposed"]) == balance.best_measured((3, 9), measured), b
+  assert tuple(b["proposed"]) == balance.best_measured((3, 9), measured, "gpipe", 8), b
   assert d["balance/imbalance_after"] < d["balance/imbalance_before"], d
   loss = lambda h: np.array([r["loss"] for r in h if "loss" in r])
   numerics.check_close("losses", loss(adapted), loss(fixed), LAYOUT_RTOL * loss(fixed))

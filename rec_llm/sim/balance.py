@@ -85,13 +85,21 @@ def neighbours(partition) -> list[tuple[int, ...]]:
   return out
 
 
-def best_measured(partition, measured: dict) -> tuple[int, ...]:
-  """The candidate of `measured` ({partition: {"fwd": [...], "bwd": [...]}}) whose slowest
-  stage (forward + backward) is fastest; ties keep `partition`."""
+def best_measured(partition, measured: dict, schedule: str = "1f1b",
+                  microbatches: int = 1) -> tuple[int, ...]:
+  """The candidate of `measured` ({partition: {"fwd": [...], "bwd": [...]}}) whose step,
+  simulated for the schedule from its measured ticks, is fastest; ties keep `partition`,
+  then go to the more even split (the slowest stage, forward + backward, fastest).
+
+  The step, not the slowest stage, is what `choose` judges: ranked by the slowest stage,
+  a candidate could win whose step is slower than the current one's (GPipe waits on the
+  slowest forward and the slowest backward separately), and the move would be refused."""
   part = tuple(int(x) for x in partition)
-  slowest = {tuple(int(x) for x in k): float(max(np.add(v["fwd"], v["bwd"])))
-             for k, v in measured.items()}
-  return min(slowest, key=lambda k: (slowest[k], k != part))
+  def key(item):
+    k, v = tuple(int(x) for x in item[0]), item[1]
+    step = sim.pipeline_seconds(v["fwd"], v["bwd"], schedule, microbatches)
+    return step, k != part, float(max(np.add(v["fwd"], v["bwd"])))
+  return tuple(int(x) for x in min(measured.items(), key=key)[0])
 
 
 def choose(partition, measured: dict, *, schedule: str = "1f1b", microbatches: int = 1,
@@ -99,14 +107,14 @@ def choose(partition, measured: dict, *, schedule: str = "1f1b", microbatches: i
            fixed_cost_s: float = 0.0, min_gain: float = 0.05) -> tuple[tuple[int, ...], dict]:
   """(partition to use, reason) from measured tick times of candidate partitions
   ({partition: {"fwd": [stage seconds], "bwd": [stage seconds]}}, the current one
-  included): the candidate whose slowest stage (forward + backward) is fastest, as
-  `partition.solve` minimises, taken if the schedule's simulated step says the change pays.
-  The cost model proposes (`decide`); this checks the proposal and its neighbours on the
+  included): the candidate whose simulated step is fastest (`best_measured`), taken if
+  the saving pays for the move and is not within noise. The cost model proposes (`decide`); this checks the proposal and its neighbours on the
   devices, where the model's per-block costs can be off.
 
   With lock-step ticks the most even split is not always the fastest step (GPipe's phases
   wait on the slowest forward and the slowest backward separately; 1F1B pairs one stage's
-  forward with another's backward), so the step decides only whether to move."""
+  forward with another's backward), so candidates are ranked by the step, not by how even
+  their stages are."""
   part = tuple(int(x) for x in partition)
   meas = {}
   for k, v in measured.items():
@@ -121,7 +129,7 @@ def choose(partition, measured: dict, *, schedule: str = "1f1b", microbatches: i
     raise ValueError(f"measured must include the current partition {list(part)}")
   step = {k: sim.pipeline_seconds(f, b, schedule, microbatches) for k, (f, b) in meas.items()}
   slowest = {k: float((f + b).max()) for k, (f, b) in meas.items()}
-  best = best_measured(part, measured)
+  best = best_measured(part, measured, schedule, microbatches)
   new, reason = _judge(part, best, step[part], step[best], remaining_steps, bytes_per_layer,
                        bandwidth, fixed_cost_s, min_gain, "among the measured candidates")
   reason.update(measured_stage_s=(meas[part][0] + meas[part][1]).tolist(),

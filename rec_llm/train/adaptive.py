@@ -97,7 +97,7 @@ def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple
   The partition solver, fed the measured costs of one block, the embedding and the head,
   proposes a partition; the current partition, the proposal and the proposal's neighbours
   (one block moved across one boundary) are then timed tick by tick on the device. While
-  a neighbour's slowest stage is faster, the search moves there and times its neighbours
+  a neighbour's simulated step is faster, the search moves there and times its neighbours
   (at most SEARCH_ROUNDS rounds, all candidates of a round interleaved). The best one is
   taken if the simulated schedule says it pays (rec_llm.sim.balance.choose). The search
   matters: a block inside a stage's loop costs more than one timed alone, and by how much
@@ -124,7 +124,7 @@ def decide(run, state, batch, remaining_steps: int, recompile_s: float) -> tuple
     measured = dict(zip(candidates, measure_stage_times(run, state, batch, candidates,
                                                         repeats)))
     rounds += 1
-    moved = balance.best_measured(part, measured)
+    moved = balance.best_measured(part, measured, p["schedule"], p["microbatches"])
     if moved in (best, part) or rounds == SEARCH_ROUNDS:
       break
     best = moved
