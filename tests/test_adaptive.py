@@ -1,8 +1,8 @@
 """Adaptive load balancing: from a poor partition (3 and 9 blocks, the heavy item head on the
-last stage too) the trainer re-partitions at the first check, to the candidate whose
-step, simulated from its measured ticks, is fastest, the stages are more even afterwards, and the losses equal
-a run that never re-balanced (`LAYOUT_RTOL`: only the partition differs, which changes the
-order of float32 sums at most).
+last stage too) the trainer re-partitions at the first check, to the candidate whose step,
+simulated from its measured ticks, is fastest, the stages are more even afterwards, and the
+losses equal a run that never re-balanced (`LAYOUT_RTOL`: only the partition differs, which
+changes the order of float32 sums at most).
 
 Stage times are wall-clock on a shared CPU, so how even the new split is (the goal: max /
 mean <= 1.10) is measured by benchmarks/adaptive_balance.py, not asserted here; the test

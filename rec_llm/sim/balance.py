@@ -108,8 +108,9 @@ def choose(partition, measured: dict, *, schedule: str = "1f1b", microbatches: i
   """(partition to use, reason) from measured tick times of candidate partitions
   ({partition: {"fwd": [stage seconds], "bwd": [stage seconds]}}, the current one
   included): the candidate whose simulated step is fastest (`best_measured`), taken if
-  the saving pays for the move and is not within noise. The cost model proposes (`decide`); this checks the proposal and its neighbours on the
-  devices, where the model's per-block costs can be off.
+  the saving pays for the move and is not within noise. The cost model proposes
+  (`decide`); this checks the proposal and its neighbours on the devices, where the
+  model's per-block costs can be off.
 
   With lock-step ticks the most even split is not always the fastest step (GPipe's phases
   wait on the slowest forward and the slowest backward separately; 1F1B pairs one stage's
