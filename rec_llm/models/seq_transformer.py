@@ -163,14 +163,6 @@ class Block(nn.Module):
     return x, None
 
 
-def _unit_norm(x, eps=1e-6):
-  """Layer norm without parameters over the last axis (HSTU's norm of the attention output)."""
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, -1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
 class HSTUBlock(nn.Module):
   """HSTU: U, V, Q, K = SiLU(x W + b); A = SiLU(Q K^T + rab) / max_len, causal;
   x + out(Norm(A V) * U). Differences from the reference (generative-recommenders), chosen
@@ -201,7 +193,9 @@ class HSTUBlock(nn.Module):
       return jnp.where(mask, nn.silu(scores) / cfg.max_len, 0).astype(dt)
 
     att = causal_attention(cfg, q, k, v, key_valid, weigh)
-    gated = Dropout(cfg.dropout_rate, self.deterministic, cfg.dropout_bits)(_unit_norm(att) * u)
+    # HSTU's norm of the attention output: no parameters, over each head's values
+    unit = nn.LayerNorm(use_bias=False, use_scale=False, use_fast_variance=False, dtype=dt)
+    gated = Dropout(cfg.dropout_rate, self.deterministic, cfg.dropout_bits)(unit(att) * u)
     y = Dense(heads, d, ("heads", "head_dim"), ("embed",), cfg.dtype, name="out")(gated)
     return constrain(x + y, ("batch", "seq", "embed")), None
 
