@@ -184,12 +184,11 @@ class HSTUBlock(nn.Module):
                   for n in ("gate", "value", "query", "key"))
     rel = self.param("rel_bias", Logical(nn.initializers.normal(0.02), ("heads", "seq")),
                      (cfg.num_heads, cfg.max_len))
-    # rab[h, i, j] = rel[h, i - j] for keys at or before the query (the rest are masked)
-    pos = jnp.arange(x.shape[1])
-    rab = rel[:, jnp.clip(pos[:, None] - pos[None, :], 0, cfg.max_len - 1)]
-
     def weigh(scores, mask, lo, hi):
-      scores = scores + rab[None, :, lo:hi, :hi]
+      # rab[h, i, j] = rel[h, i - j] for keys at or before the query (the rest are masked),
+      # gathered for this query block only
+      dist = jnp.arange(lo, hi)[:, None] - jnp.arange(hi)[None, :]
+      scores = scores + rel[:, jnp.clip(dist, 0, cfg.max_len - 1)][None]
       return jnp.where(mask, nn.silu(scores) / cfg.max_len, 0).astype(dt)
 
     att = causal_attention(cfg, q, k, v, key_valid, weigh)
