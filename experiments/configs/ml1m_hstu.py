@@ -15,7 +15,9 @@ Measured (2026-12-02, the command above, 59.6 min wall from launch, evaluation i
 test split, full ranking, seen items filtered: HR@10 0.3002, NDCG@10 0.1730, HR@50 0.5531,
 HR@200 0.7475, MRR 0.1489 (validation HR@10 0.3020 / NDCG@10 0.1759). Against HSTU's
 published 0.3097 / 0.1720 and HSTU-large's 0.3294 / 0.1893 (HR@50 0.5935, HR@200 0.7839);
-ml1m_sasrec.py (2 transformer blocks, 64 epochs, 61 min): 0.2851 / 0.1653.
+ml1m_sasrec.py (2 transformer blocks, 64 epochs, 61 min): 0.2851 / 0.1653. HSTU-large's shape
+(8 blocks, d 50, 2 heads) on the sampled fast path, 68 epochs in 55.5 min, did no better:
+0.2902 / 0.1678 (2026-12-03, benchmarks/results/ml1m_hstu_large_sampled.json).
 
 """
 
